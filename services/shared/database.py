@@ -1,0 +1,42 @@
+"""SQLite engines tuned for several writing processes at once.
+
+WAL lets readers run beside the one writer. Write transactions start with `BEGIN IMMEDIATE`, so a
+transaction takes the write lock at its start and waits up to the busy timeout for it, instead of
+failing with `database is locked` when it first writes. Read-only work opts into `BEGIN DEFERRED`
+with `engine.connect().execution_options(sqlite_begin="DEFERRED")`.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+def create_sqlite_engine(path: Path) -> Engine:
+    """Create an engine on the SQLite file at `path`, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        f"sqlite+pysqlite:///{path}",
+        connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        pool_pre_ping=False,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # The driver's own transaction handling would issue a deferred BEGIN; take control of it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine

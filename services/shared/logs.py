@@ -1,0 +1,48 @@
+"""Structured JSON logging with the request id of the current request.
+
+Log calls pass values as `extra` fields or lazy `%s` arguments, never as f-strings, and never a
+token or secret.
+"""
+
+import logging
+import sys
+from contextvars import ContextVar
+
+from pythonjsonlogger.json import JsonFormatter
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+class _ContextFilter(logging.Filter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.service = self.service
+        request_id = request_id_var.get()
+        if request_id is not None:
+            record.request_id = request_id
+        return True
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """Send every log record to stderr as one JSON object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            timestamp=False,
+        )
+    )
+    handler.addFilter(_ContextFilter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's access log repeats what the request middleware logs, in plain text.
+    logging.getLogger("uvicorn.access").handlers[:] = []
+    logging.getLogger("uvicorn.access").propagate = False
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

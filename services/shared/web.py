@@ -1,0 +1,203 @@
+"""Pieces every FastAPI service mounts: request ids, one log line per request, JSON errors, token
+dependencies, `/healthz`, `/readyz` and `/metrics`."""
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import redis.exceptions
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ServiceError, Unauthorized, Unavailable
+from .logs import request_id_var
+from .security import Principal, TokenVerifier, bearer_token
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("ztcqrs.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_LENGTH = 128
+
+HTTP_REQUESTS = Counter(
+    "ztcqrs_http_requests_total", "HTTP requests served, by route and status.",
+    ["service", "method", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "ztcqrs_http_request_duration_seconds", "Time to serve an HTTP request.",
+    ["service", "method", "route"],
+)
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+
+
+def valid_request_id(value: str | None) -> str:
+    """Return `value` if it is a safe request id to echo and log, or a new one."""
+    if value and len(value) <= MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable():
+        return value
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Assign the request id, echo it in `X-Request-ID`, log one line and record metrics."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        raw = headers.get(REQUEST_ID_HEADER.encode())
+        request_id = valid_request_id(raw.decode("latin-1") if raw else None)
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            route_path = getattr(route, "path", "unmatched")
+            HTTP_REQUESTS.labels(self.service, scope["method"], route_path, str(status)).inc()
+            HTTP_LATENCY.labels(self.service, scope["method"], route_path).observe(elapsed)
+            if route_path not in ("/healthz", "/readyz", "/metrics"):
+                access_log.info(
+                    "request served",
+                    extra={
+                        "method": scope["method"], "path": scope["path"], "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )
+            request_id_var.reset(token)
+
+
+def _field_path(location: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error with the platform's JSON error body, never with a bare 500 page."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError) -> JSONResponse:
+        headers = {}
+        if isinstance(error, Unauthorized):
+            headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+        if error.status_code >= 500:
+            log.error("request failed", extra={"path": request.url.path, "error": error.message})
+        return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": _field_path(item.get("loc", ())), "message": str(item.get("msg", ""))}
+            for item in error.errors()
+        ]
+        first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+        body = {
+            "error": "validation_failed",
+            "message": f"Field {first['field']!r} is invalid: {first['message']}.",
+            "field": first["field"],
+            "details": problems,
+        }
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        message = error.detail if isinstance(error.detail, str) else "The request failed."
+        if error.status_code == 404 and message == "Not Found":
+            message = f"No route matches {request.method} {request.url.path}."
+        return JSONResponse(
+            {"error": code, "message": message}, status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    async def redis_down(request: Request, error: redis.exceptions.ConnectionError) -> JSONResponse:
+        log.error("Redis unavailable", extra={"path": request.url.path, "error": str(error)})
+        body = Unavailable("Redis is unavailable; retry shortly.").to_body()
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"path": request.url.path})
+        body = {"error": "internal_error", "message": "The service failed to handle the request."}
+        return JSONResponse(body, status_code=500)
+
+
+def install_health_routes(app: FastAPI, checks: dict[str, ReadinessCheck]) -> None:
+    """Mount `/healthz` (the process runs), `/readyz` (its dependencies answer) and `/metrics`."""
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        failures: dict[str, str] = {}
+        for name, check in checks.items():
+            try:
+                await check()
+            except Exception as error:  # noqa: BLE001 - any failure means not ready; it is reported
+                failures[name] = str(error) or type(error).__name__
+        if failures:
+            log.warning("readiness check failed", extra={"failures": failures})
+            return JSONResponse({"status": "unavailable", "failures": failures}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def verifier_of(request: Request) -> TokenVerifier:
+    verifier: TokenVerifier = request.app.state.verifier
+    return verifier
+
+
+async def authenticate(request: Request) -> Principal:
+    """Verify the request's bearer token; raise 401 when it is missing or invalid."""
+    token = bearer_token(request.headers.get("authorization"))
+    return await verifier_of(request).verify(token)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
+
+
+def require_scope(*scopes: str) -> Callable[..., Awaitable[Principal]]:
+    """Build a dependency that authenticates and then requires every scope in `scopes` (403)."""
+
+    async def dependency(principal: CurrentPrincipal) -> Principal:
+        principal.require_scope(*scopes)
+        return principal
+
+    return dependency
+
+
+def install_common(app: FastAPI, *, service: str, checks: dict[str, ReadinessCheck]) -> None:
+    install_error_handlers(app)
+    install_health_routes(app, checks)
+    app.add_middleware(RequestContextMiddleware, service=service)
