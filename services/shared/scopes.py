@@ -1,4 +1,4 @@
-"""Scopes and service identities. A scope grants one kind of access; endpoints name the ones they need."""
+"""Scopes and service identities. Each endpoint names the scopes it requires."""
 
 ORDERS_READ = "orders:read"
 ORDERS_WRITE = "orders:write"

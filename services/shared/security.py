@@ -1,8 +1,9 @@
 """Local verification of RFC 9068 access tokens against the auth server's published keys.
 
 Every service verifies every request itself with `TokenVerifier`; none calls the auth server per
-request. Keys come from a `KeySource`: `JWKSClient` fetches and caches the JWKS over HTTP and
-refreshes it on an unknown `kid` at most once per cooldown; `StaticKeySource` serves a fixed key set.
+request. Keys come from a `KeySource`. `JWKSClient` fetches and caches the JWKS over HTTP and
+refreshes it on an unknown `kid` at most once per cooldown. `StaticKeySource` serves a fixed key
+set.
 """
 
 import asyncio
@@ -61,7 +62,11 @@ class KeySource(Protocol):
 def _keys_from_jwks(jwks: Mapping[str, Any]) -> dict[str, Any]:
     keys: dict[str, Any] = {}
     for jwk in jwks.get("keys", []):
-        if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or not isinstance(jwk.get("kid"), str):
+        if (
+            not isinstance(jwk, dict)
+            or jwk.get("kty") != "RSA"
+            or not isinstance(jwk.get("kid"), str)
+        ):
             continue
         if jwk.get("use", "sig") != "sig" or jwk.get("alg", "RS256") not in ALLOWED_ALGORITHMS:
             continue
@@ -129,7 +134,11 @@ class JWKSClient:
             except (httpx.HTTPError, ValueError) as error:
                 log.warning(
                     "JWKS fetch failed; verifying with cached keys",
-                    extra={"jwks_url": self.url, "error": str(error), "cached_keys": len(self._keys)},
+                    extra={
+                        "jwks_url": self.url,
+                        "error": str(error),
+                        "cached_keys": len(self._keys),
+                    },
                 )
                 return
             self._keys = keys

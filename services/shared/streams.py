@@ -8,6 +8,7 @@ the error and is acknowledged. Handlers must be idempotent, which version-gated 
 """
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
-import redis.exceptions
+from redis import exceptions as redis_errors
 
 from .clock import utc_now
 from .events import EnvelopeError, Event
@@ -38,14 +39,14 @@ def connect(url: str) -> "redis.Redis":
         decode_responses=True,
         health_check_interval=10,
         socket_connect_timeout=5,
-        retry_on_error=[redis.exceptions.ConnectionError],
+        retry_on_error=[redis_errors.ConnectionError],
     )
 
 
 async def append(client: "redis.Redis", stream: str, event: Event) -> str:
     """Append `event` to `stream` and return the entry id."""
-    entry_id: str = await client.xadd(stream, event.to_fields())  # type: ignore[arg-type]
-    return entry_id
+    entry_id = await client.xadd(stream, event.to_fields())  # type: ignore[arg-type]
+    return str(entry_id)
 
 
 async def ensure_group(client: "redis.Redis", stream: str, group: str) -> None:
@@ -53,7 +54,7 @@ async def ensure_group(client: "redis.Redis", stream: str, group: str) -> None:
     try:
         await client.xgroup_create(stream, group, id="0", mkstream=True)
         log.info("consumer group created", extra={"stream": stream, "group": group})
-    except redis.exceptions.ResponseError as error:
+    except redis_errors.ResponseError as error:
         if "BUSYGROUP" not in str(error):
             raise
 
@@ -104,7 +105,11 @@ class StreamConsumer:
                     connected = True
                 await self.poll()
                 self._failures = 0
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
+            except (
+                redis_errors.ConnectionError,
+                redis_errors.TimeoutError,
+                OSError,
+            ) as error:
                 connected = False
                 self._failures += 1
                 delay = self._backoff(self._failures)
@@ -139,13 +144,19 @@ class StreamConsumer:
 
     async def _claim_idle(self, stream: str) -> int:
         reply = await self.client.xautoclaim(
-            stream, self.group, self.consumer, min_idle_time=self.options.claim_idle_ms,
-            start_id="0-0", count=self.options.batch_size,
+            stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.options.claim_idle_ms,
+            start_id="0-0",
+            count=self.options.batch_size,
         )
         claimed = reply[1]
         if claimed:
-            log.info("claimed idle entries", extra={**self._ids(), "stream": stream,
-                                                    "count": len(claimed)})
+            log.info(
+                "claimed idle entries",
+                extra={**self._ids(), "stream": stream, "count": len(claimed)},
+            )
         return await self._handle_batch([[stream, claimed]])
 
     async def _handle_batch(self, batch: Any) -> int:
@@ -163,12 +174,14 @@ class StreamConsumer:
         try:
             event = Event.from_fields(fields)
             await self.handler(stream, entry_id, event)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError):
             raise
         except (EnvelopeError, PermanentFailure) as error:
-            await self._dead_letter(stream, entry_id, fields, error, tries=await self._tries(stream, entry_id))
+            await self._dead_letter(
+                stream, entry_id, fields, error, tries=await self._tries(stream, entry_id)
+            )
             return False
-        except Exception as error:  # noqa: BLE001 - any handler error is retried, then dead-lettered
+        except Exception as error:
             tries = await self._tries(stream, entry_id)
             if tries >= self.options.max_tries:
                 await self._dead_letter(stream, entry_id, fields, error, tries=tries)
@@ -176,8 +189,14 @@ class StreamConsumer:
             delay = self._backoff(tries)
             log.warning(
                 "event handling failed; will retry",
-                extra={**self._ids(), "stream": stream, "entry_id": entry_id, "tries": tries,
-                       "error": repr(error), "retry_in_s": round(delay, 2)},
+                extra={
+                    **self._ids(),
+                    "stream": stream,
+                    "entry_id": entry_id,
+                    "tries": tries,
+                    "error": repr(error),
+                    "retry_in_s": round(delay, 2),
+                },
             )
             await asyncio.sleep(delay)
             return False
@@ -185,7 +204,9 @@ class StreamConsumer:
         return True
 
     async def _tries(self, stream: str, entry_id: str) -> int:
-        rows = await self.client.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+        rows = await self.client.xpending_range(
+            stream, self.group, min=entry_id, max=entry_id, count=1
+        )
         return int(rows[0]["times_delivered"]) if rows else 1
 
     async def _dead_letter(
@@ -207,13 +228,20 @@ class StreamConsumer:
             await pipe.execute()
         log.error(
             "event dead-lettered",
-            extra={**self._ids(), "stream": stream, "entry_id": entry_id, "tries": tries,
-                   "error": repr(error)},
+            extra={
+                **self._ids(),
+                "stream": stream,
+                "entry_id": entry_id,
+                "tries": tries,
+                "error": repr(error),
+            },
         )
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.options.retry_max_seconds,
-                      self.options.retry_base_seconds * 2 ** max(attempt - 1, 0))
+        ceiling = min(
+            self.options.retry_max_seconds,
+            self.options.retry_base_seconds * 2 ** max(attempt - 1, 0),
+        )
         return random.uniform(ceiling / 2, ceiling)
 
     def _ids(self) -> dict[str, Any]:
@@ -221,7 +249,5 @@ class StreamConsumer:
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass

@@ -26,11 +26,13 @@ REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
 
 HTTP_REQUESTS = Counter(
-    "ztcqrs_http_requests_total", "HTTP requests served, by route and status.",
+    "ztcqrs_http_requests_total",
+    "HTTP requests served, by route and status.",
     ["service", "method", "route", "status"],
 )
 HTTP_LATENCY = Histogram(
-    "ztcqrs_http_request_duration_seconds", "Time to serve an HTTP request.",
+    "ztcqrs_http_request_duration_seconds",
+    "Time to serve an HTTP request.",
     ["service", "method", "route"],
 )
 
@@ -85,7 +87,9 @@ class RequestContextMiddleware:
                 access_log.info(
                     "request served",
                     extra={
-                        "method": scope["method"], "path": scope["path"], "status": status,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
                         "duration_ms": round(elapsed * 1000, 2),
                     },
                 )
@@ -131,7 +135,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code == 404 and message == "Not Found":
             message = f"No route matches {request.method} {request.url.path}."
         return JSONResponse(
-            {"error": code, "message": message}, status_code=error.status_code,
+            {"error": code, "message": message},
+            status_code=error.status_code,
             headers=getattr(error, "headers", None),
         )
 
@@ -161,7 +166,7 @@ def install_health_routes(app: FastAPI, checks: dict[str, ReadinessCheck]) -> No
         for name, check in checks.items():
             try:
                 await check()
-            except Exception as error:  # noqa: BLE001 - any failure means not ready; it is reported
+            except Exception as error:
                 failures[name] = str(error) or type(error).__name__
         if failures:
             log.warning("readiness check failed", extra={"failures": failures})

@@ -1,0 +1,94 @@
+"""Entry point of the `ztcqrs` command."""
+
+import argparse
+import os
+import sys
+
+from services.shared.logs import configure_logging
+
+from .processes import SERVICES, WORKERS, run_worker, serve
+from .runner import LocalPlatform, PlatformConfig, StartInterrupted, StartupError
+
+WALKTHROUGH = """\
+ztcqrs is running. Logs: {logs}/<process>.log   Rules (edit live): {rules}
+
+  router (public API)  {router}
+  auth server          {auth}     JWKS: {auth}/.well-known/jwks.json
+  monolith             {monolith}
+  cqrs service         {cqrs}
+  redis                {redis}
+
+Try it (alice is a beta tester and goes to the CQRS side, bob stays on the monolith):
+
+  token() {{ curl -s -d grant_type=password -d username=$1 -d password=demo-pass \\
+      {auth}/token | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])'; }}
+  ALICE=$(token alice); BOB=$(token bob)
+  curl -s -H "Authorization: Bearer $ALICE" {router}/products
+  curl -si -H "Authorization: Bearer $ALICE" -H 'Content-Type: application/json' \\
+      -d '{{"items": [{{"product_id": "prod-keyboard", "quantity": 1}}]}}' {router}/orders
+  curl -si -H "Authorization: Bearer $BOB" -H 'Content-Type: application/json' \\
+      -d '{{"items": [{{"product_id": "prod-mouse", "quantity": 2}}]}}' {router}/orders
+  curl -s -H "Authorization: Bearer $BOB" {router}/orders
+
+Look at X-Gray-Target in each response. Raise `percent` of the `canary` rule in the rules file
+to move more users to the CQRS side; the router picks the change up without a restart.
+
+Press Ctrl-C to stop every process.
+"""
+
+
+def _up() -> int:
+    configure_logging("runner", os.environ.get("ZTCQRS_LOG_LEVEL", "INFO"))
+    try:
+        config = PlatformConfig.from_env(os.environ)
+    except StartupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    platform = LocalPlatform(config)
+    platform.stop_on_signals()
+    try:
+        platform.start()
+        print(
+            WALKTHROUGH.format(
+                logs=config.data_dir / "logs",
+                rules=platform.rules_file,
+                router=config.url("router"),
+                auth=config.url("auth"),
+                monolith=config.url("monolith"),
+                cqrs=config.url("cqrs"),
+                redis=platform.redis_url,
+            ),
+            flush=True,
+        )
+        platform.supervise(platform.stop_requested)
+    except StartInterrupted:
+        return 0
+    except StartupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        platform.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ztcqrs", description="Zero-trust gray migration from a monolith to a CQRS service."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="run the whole platform locally until Ctrl-C")
+    serve_parser = commands.add_parser("serve", help="run one HTTP service")
+    serve_parser.add_argument("service", choices=sorted(SERVICES))
+    worker_parser = commands.add_parser("worker", help="run one background worker")
+    worker_parser.add_argument("worker", choices=sorted(WORKERS))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        sys.exit(_up())
+    if args.command == "serve":
+        serve(args.service)
+    elif args.command == "worker":
+        run_worker(args.worker)

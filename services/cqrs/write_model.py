@@ -1,0 +1,176 @@
+"""Reads of the write model, and the version-gated apply that CDC ingest uses.
+
+Every function here is blocking; async callers run it in a worker thread.
+"""
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Row, Table, delete, insert, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from services.shared.clock import utc_now
+from services.shared.consistency import Decision, content_hash, decide
+from services.shared.events import Event
+
+from .schema import AGGREGATE_TABLES, conflicts, orders, products
+from .states import ORDER, PRODUCT, event_state
+
+log = logging.getLogger(__name__)
+
+STATE_COLUMNS: dict[str, tuple[str, ...]] = {
+    aggregate: tuple(column.name for column in table.columns if column.name != "origin")
+    for aggregate, table in AGGREGATE_TABLES.items()
+}
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """Open a connection for reads only; it takes no write lock."""
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as connection:
+        yield connection
+
+
+def row_to_state(aggregate: str, row: Row[Any]) -> dict[str, Any]:
+    """Return the public state of a table row, without `origin`."""
+    values = row._mapping
+    state = {name: values[name] for name in STATE_COLUMNS[aggregate]}
+    if aggregate == ORDER:
+        state["items"] = json.loads(state["items"])
+    return state
+
+
+def state_to_row(aggregate: str, state: dict[str, Any], *, origin: str) -> dict[str, Any]:
+    row = {name: state[name] for name in STATE_COLUMNS[aggregate]}
+    if aggregate == ORDER:
+        row["items"] = json.dumps(state["items"], separators=(",", ":"))
+    row["origin"] = origin
+    return row
+
+
+def load_state(connection: Connection, aggregate: str, aggregate_id: str) -> dict[str, Any] | None:
+    table = AGGREGATE_TABLES[aggregate]
+    row = connection.execute(select(table).where(table.c.id == aggregate_id)).first()
+    return None if row is None else row_to_state(aggregate, row)
+
+
+def upsert_state(
+    connection: Connection, aggregate: str, state: dict[str, Any], *, origin: str
+) -> None:
+    table = AGGREGATE_TABLES[aggregate]
+    row = state_to_row(aggregate, state, origin=origin)
+    statement = sqlite_insert(table).values(row)
+    statement = statement.on_conflict_do_update(
+        index_elements=[table.c.id],
+        set_={name: statement.excluded[name] for name in row if name != "id"},
+    )
+    connection.execute(statement)
+
+
+def apply_event(engine: Engine, event: Event, *, authority: str) -> Decision:
+    """Apply the state an event carries to the write model by version, in one transaction.
+
+    A newer version replaces the stored state. A state with the stored version but other content is
+    recorded in `conflicts` and replaces the stored state only when `event.origin` is `authority`.
+    A deletion removes the row when its version is at least the stored one. For a deletion the
+    result is APPLY when a row was removed, STALE when the stored version is newer, and DUPLICATE
+    when no row is stored.
+
+    Raises InvalidState when the event's data is not a valid state of its aggregate.
+    """
+    state = event_state(event)
+    aggregate = event.aggregate
+    with engine.begin() as connection:
+        local = load_state(connection, aggregate, event.aggregate_id)
+        if event.deleted:
+            return _apply_deletion(connection, AGGREGATE_TABLES[aggregate], state, local)
+        decision = decide(
+            local_version=None if local is None else int(local["version"]),
+            local_hash=None if local is None else content_hash(local),
+            incoming_version=state["version"],
+            incoming_hash=content_hash(state),
+            incoming_origin=event.origin,
+            authority=authority,
+        )
+        if decision.conflict:
+            assert local is not None  # decide reports a conflict only against a stored state
+            record_conflict(
+                connection, aggregate, local=local, incoming=state, incoming_origin=event.origin,
+                resolution=decision,
+            )
+            log.warning(
+                "conflicting state received",
+                extra={"aggregate": aggregate, "aggregate_id": event.aggregate_id,
+                       "version": state["version"], "event_id": event.id,
+                       "origin": event.origin, "resolution": decision.value},
+            )
+        if decision.applies:
+            upsert_state(connection, aggregate, state, origin=event.origin)
+    return decision
+
+
+def _apply_deletion(
+    connection: Connection, table: Table, state: dict[str, Any], local: dict[str, Any] | None
+) -> Decision:
+    # NOTE: no tombstone is kept, so an older event of the aggregate that arrives after the deletion
+    # inserts the row again.
+    if local is None:
+        return Decision.DUPLICATE
+    if state["version"] < int(local["version"]):
+        return Decision.STALE
+    connection.execute(delete(table).where(table.c.id == state["id"]))
+    return Decision.APPLY
+
+
+def record_conflict(
+    connection: Connection,
+    aggregate: str,
+    *,
+    local: dict[str, Any],
+    incoming: dict[str, Any],
+    incoming_origin: str,
+    resolution: Decision,
+) -> None:
+    connection.execute(
+        insert(conflicts).values(
+            aggregate=aggregate,
+            aggregate_id=incoming["id"],
+            version=incoming["version"],
+            local_json=json.dumps(local, sort_keys=True),
+            incoming_json=json.dumps(incoming, sort_keys=True),
+            incoming_origin=incoming_origin,
+            resolution=resolution.value,
+            recorded_at=utc_now(),
+        )
+    )
+
+
+def load_order(engine: Engine, order_id: str) -> dict[str, Any] | None:
+    with reading(engine) as connection:
+        return load_state(connection, ORDER, order_id)
+
+
+def list_orders(engine: Engine, user_id: str) -> list[dict[str, Any]]:
+    """Return a user's orders, newest first."""
+    query = (
+        select(orders)
+        .where(orders.c.user_id == user_id)
+        .order_by(orders.c.created_at.desc(), orders.c.id.desc())
+    )
+    with reading(engine) as connection:
+        return [row_to_state(ORDER, row) for row in connection.execute(query)]
+
+
+def load_product(engine: Engine, product_id: str) -> dict[str, Any] | None:
+    with reading(engine) as connection:
+        return load_state(connection, PRODUCT, product_id)
+
+
+def list_products(engine: Engine) -> list[dict[str, Any]]:
+    """Return every product, ordered by id."""
+    with reading(engine) as connection:
+        rows = connection.execute(select(products).order_by(products.c.id))
+        return [row_to_state(PRODUCT, row) for row in rows]

@@ -1,0 +1,1 @@
+"""Background workers of the monolith; each module has `async def run(settings, stop)`."""

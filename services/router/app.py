@@ -1,0 +1,621 @@
+"""The gray router as a plain ASGI application.
+
+Per request: assign the request id, normalise the path, serve the router's own endpoints, reject
+`/internal`, verify the bearer token, pick a rule, and stream the request to the chosen target.
+The hot path uses no framework routing; see the module docstring of `proxy` for the pieces.
+
+The router is the public entry, so the ASGI server must hand it the real peer address: run uvicorn
+with `proxy_headers=False` (`--no-proxy-headers`). Otherwise uvicorn replaces the client address
+with a client-sent X-Forwarded-For whenever the peer is in `forwarded_allow_ips` (127.0.0.1 by
+default), and the router would forward that spoofed address.
+"""
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from services.shared.errors import Forbidden, Unauthorized
+from services.shared.logs import request_id_var
+from services.shared.scopes import GRAY_ADMIN
+from services.shared.security import (
+    JWKSClient,
+    KeySource,
+    Principal,
+    TokenVerifier,
+    bearer_token,
+)
+from services.shared.web import valid_request_id
+
+from .proxy import (
+    UPSTREAM_ERRORS,
+    BodyTooLarge,
+    ClientGone,
+    InvalidPath,
+    Message,
+    RawHeaders,
+    Receive,
+    RequestBody,
+    Scope,
+    Send,
+    UpstreamError,
+    Upstreams,
+    client_response_headers,
+    declared_length,
+    encode_path,
+    has_body,
+    normalise_path,
+    upstream_request_headers,
+)
+from .reloader import LoadedRules, RulesReloader
+from .routes import upstream_route
+from .rules import SAFE_METHODS, Decision, RequestFacts
+from .settings import Settings
+from .tokens import CachingVerifier
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("ztcqrs.access")
+
+REQUESTS = Counter(
+    "ztcqrs_router_requests_total",
+    "Requests the router answered, by rule, target and status.",
+    ["rule", "target", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "ztcqrs_router_request_duration_seconds",
+    "Time from the start of a request to the end of its response, by target.",
+    ["target"],
+)
+
+# X-Gray-Target and X-Gray-Rule values of responses that the router sends without forwarding.
+ROUTER_TARGET = "router"
+NO_RULE = "none"
+# Status logged when the client disconnected before the router responded (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+_PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+_GRAY_PREFIX = "/_gray"
+_STATUS = "/status"
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+@dataclass(slots=True)
+class Exchange:
+    """State of one request so far, which feeds the gray headers, the metrics and the log line."""
+
+    request_id: str
+    method: str
+    path: str
+    target: str = ROUTER_TARGET
+    rule: str = NO_RULE
+    status: int = 500
+    # Why the router answered with an error itself; logged on the request's line.
+    error: str | None = None
+    response_started: bool = False
+    # Probe and metrics requests are neither logged nor counted, so scrapes do not drown traffic.
+    quiet: bool = False
+
+    def gray_headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-gray-target", self.target.encode()),
+            (b"x-gray-rule", self.rule.encode()),
+            (b"x-request-id", self.request_id.encode()),
+        ]
+
+
+class RouterApp:
+    """ASGI application of the gray router, with its lifespan (rules polling, connection pool)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        reloader: RulesReloader,
+        verifier: CachingVerifier,
+        key_source: KeySource,
+        upstreams: Upstreams,
+        *,
+        owns_key_source: bool,
+    ) -> None:
+        self.settings = settings
+        self.reloader = reloader
+        self.verifier = verifier
+        self.key_source = key_source
+        self.upstreams = upstreams
+        self._owns_key_source = owns_key_source
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            # No public route is a WebSocket. Closing before accept makes the server respond 403.
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+
+    # Lifespan
+
+    async def startup(self) -> None:
+        """Open the upstream pool, start polling the rules file and fetch the signing keys."""
+        await self.upstreams.start()
+        self.reloader.start()
+        if isinstance(self.key_source, JWKSClient):
+            await self.key_source.refresh(force=True)
+        loaded = self.reloader.current
+        log.info(
+            "router started",
+            extra={
+                "rules_file": str(loaded.source), "rules_version": loaded.version,
+                "rules": loaded.rules.names, "monolith_url": self.settings.monolith_url,
+                "cqrs_url": self.settings.cqrs_url,
+            },
+        )
+
+    async def shutdown(self) -> None:
+        await self.reloader.stop()
+        await self.upstreams.close()
+        if self._owns_key_source and isinstance(self.key_source, JWKSClient):
+            await self.key_source.aclose()
+        log.info("router stopped")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as error:
+                    log.exception("router startup failed", extra={"error": str(error)})
+                    await send({"type": "lifespan.startup.failed", "message": str(error)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # Requests
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        # One reference for the whole request, so a reload never changes rules mid-request.
+        loaded = self.reloader.current
+        headers: RawHeaders = scope["headers"]
+        request_id = valid_request_id(_first_header(headers, b"x-request-id"))
+        context = request_id_var.set(request_id)
+        exchange = Exchange(request_id, scope["method"], scope["path"])
+        try:
+            await self._handle(scope, receive, send, loaded, exchange)
+        except Exception:
+            log.exception(
+                "request failed in the router",
+                extra={"method": exchange.method, "path": exchange.path, "request_id": request_id},
+            )
+            if not exchange.response_started:
+                await self._send_error(
+                    send, exchange, 500, "internal_error",
+                    "The router failed to handle the request.",
+                )
+        finally:
+            elapsed = time.perf_counter() - started
+            if not exchange.quiet:
+                REQUESTS.labels(exchange.rule, exchange.target, str(exchange.status)).inc()
+                REQUEST_DURATION.labels(exchange.target).observe(elapsed)
+                fields: dict[str, Any] = {
+                    "method": exchange.method, "path": exchange.path,
+                    "status": exchange.status, "target": exchange.target,
+                    "rule": exchange.rule, "duration_ms": round(elapsed * 1000, 2),
+                    "request_id": request_id,
+                }
+                if exchange.error is not None:
+                    fields["error"] = exchange.error
+                access_log.info("request served", extra=fields)
+            request_id_var.reset(context)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, loaded: LoadedRules, exchange: Exchange
+    ) -> None:
+        raw_path: bytes = scope.get("raw_path") or encode_path(scope["path"]).encode()
+        try:
+            path = normalise_path(raw_path)
+        except InvalidPath as error:
+            await self._send_error(send, exchange, 400, "invalid_path", str(error))
+            return
+        exchange.path = path
+
+        if path in _PROBES or path == _GRAY_PREFIX or path.startswith(_GRAY_PREFIX + "/"):
+            await self._own_endpoint(scope, send, exchange, loaded, path)
+            return
+        if _is_internal(path):
+            await self._send_error(
+                send, exchange, 404, "not_found", f"No route matches {exchange.method} {path}."
+            )
+            return
+
+        header_map = _header_map(scope["headers"])
+        try:
+            principal = await self._authenticate(header_map)
+        except Unauthorized as error:
+            await self._send_unauthorized(send, exchange, error, header_map)
+            return
+        facts = RequestFacts(
+            exchange.method, path, header_map, principal.subject, principal.claims
+        )
+        decision = loaded.rules.select(facts)
+        exchange.rule = decision.rule_name
+        await self._proxy(scope, receive, send, exchange, decision)
+
+    async def _authenticate(self, header_map: dict[str, tuple[str, ...]]) -> Principal:
+        values = header_map.get("authorization", ())
+        if len(values) > 1:
+            raise Unauthorized("The request has several Authorization headers; send exactly one.")
+        return await self.verifier.verify(bearer_token(values[0] if values else None))
+
+    # Proxying
+
+    async def _proxy(
+        self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, decision: Decision
+    ) -> None:
+        headers: RawHeaders = scope["headers"]
+        try:
+            length = declared_length(headers)
+        except ValueError as error:
+            await self._send_error(send, exchange, 400, "invalid_request", str(error))
+            return
+        limit = self.settings.max_body_bytes
+        if length is not None and length > limit:
+            await self._send_too_large(send, exchange)
+            return
+
+        method = exchange.method
+        target, path = upstream_route(decision.target, method, exchange.path)
+        fallback: tuple[str, str] | None = None
+        if decision.fallback is not None and method in SAFE_METHODS:
+            fallback = upstream_route(decision.fallback, method, exchange.path)
+            if fallback[0] == target:
+                fallback = None
+
+        client = scope.get("client")
+        upstream_headers = upstream_request_headers(
+            headers,
+            client_host=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            request_id=exchange.request_id,
+        )
+        request_body = RequestBody(receive, limit)
+        body: bytes | AsyncIterator[bytes] | None = None
+        if has_body(headers):
+            if fallback is None:
+                body = request_body.chunks()
+            else:
+                # A request that may go out twice needs its body twice, so it is read first.
+                try:
+                    body = await request_body.read()
+                except BodyTooLarge:
+                    await self._send_too_large(send, exchange)
+                    return
+                except ClientGone as error:
+                    exchange.status = CLIENT_CLOSED_REQUEST
+                    exchange.error = str(error)
+                    return
+
+        query: bytes = scope.get("query_string", b"")
+        exchange.target = target
+        outcome = await self._call_upstream(
+            exchange, path, query, upstream_headers, body, request_body
+        )
+        if fallback is not None and _should_fall_back(outcome):
+            failed = target
+            if isinstance(outcome, aiohttp.ClientResponse):
+                outcome.release()
+            target, path = fallback
+            exchange.target = target
+            log.warning(
+                "retrying on the fallback target",
+                extra={
+                    "failed_target": failed, "fallback_target": target, "rule": exchange.rule,
+                    "method": method, "path": exchange.path, "request_id": exchange.request_id,
+                },
+            )
+            outcome = await self._call_upstream(
+                exchange, path, query, upstream_headers, body, request_body
+            )
+
+        if request_body.too_large:
+            if isinstance(outcome, aiohttp.ClientResponse):
+                outcome.release()
+            await self._send_too_large(send, exchange)
+            return
+        if request_body.client_gone:
+            if isinstance(outcome, aiohttp.ClientResponse):
+                outcome.release()
+            exchange.status = CLIENT_CLOSED_REQUEST
+            exchange.error = "The client disconnected while sending the request body."
+            return
+        if isinstance(outcome, UpstreamError):
+            code = "gateway_timeout" if outcome.status == 504 else "bad_gateway"
+            await self._send_error(send, exchange, outcome.status, code, outcome.public_message)
+            return
+        await self._relay(send, exchange, outcome)
+
+    async def _call_upstream(
+        self,
+        exchange: Exchange,
+        path: str,
+        query: bytes,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+        request_body: RequestBody,
+    ) -> aiohttp.ClientResponse | UpstreamError:
+        target = exchange.target
+        try:
+            response = await self.upstreams.send(
+                target, exchange.method, path, query, headers, body
+            )
+        except UpstreamError as error:
+            if request_body.too_large or request_body.client_gone:
+                # The client failed, not the upstream: the caller sends 413 or logs the disconnect.
+                return error
+            UPSTREAM_ERRORS.labels(target, error.kind).inc()
+            log.warning(
+                "upstream call failed",
+                extra={
+                    "target": target, "kind": error.kind, "error": str(error),
+                    "method": exchange.method, "path": exchange.path,
+                    "request_id": exchange.request_id,
+                },
+            )
+            return error
+        if response.status >= 500:
+            UPSTREAM_ERRORS.labels(target, "status_5xx").inc()
+        return response
+
+    async def _relay(
+        self, send: Send, exchange: Exchange, response: aiohttp.ClientResponse
+    ) -> None:
+        """Stream the upstream response to the client with the gray headers added."""
+        async with response:
+            headers = client_response_headers(response.raw_headers)
+            headers.extend(exchange.gray_headers())
+            exchange.status = response.status
+            exchange.response_started = True
+            start = {"type": "http.response.start", "status": response.status, "headers": headers}
+            await send(start)
+            try:
+                async for chunk in response.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (aiohttp.ClientError, TimeoutError) as error:
+                kind = "timeout" if isinstance(error, TimeoutError) else "protocol"
+                UPSTREAM_ERRORS.labels(exchange.target, kind).inc()
+                log.error(
+                    "upstream response body broke off; closing the client connection",
+                    extra={
+                        "target": exchange.target, "kind": kind, "error": repr(error),
+                        "path": exchange.path, "request_id": exchange.request_id,
+                    },
+                )
+                # Returning without the final body message makes the ASGI server close the
+                # connection, so the client sees a truncated response instead of a complete one.
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # The router's own endpoints
+
+    async def _own_endpoint(
+        self, scope: Scope, send: Send, exchange: Exchange, loaded: LoadedRules, path: str
+    ) -> None:
+        name = path.removeprefix(_GRAY_PREFIX) if path.startswith(_GRAY_PREFIX + "/") else path
+        if name not in _PROBES and name != _STATUS:
+            await self._send_error(
+                send, exchange, 404, "not_found", f"No route matches {exchange.method} {path}."
+            )
+            return
+        if exchange.method not in _READ_METHODS:
+            await self._send_error(
+                send, exchange, 405, "method_not_allowed",
+                f"{path} accepts only GET and HEAD, not {exchange.method}.",
+                [(b"allow", b"GET, HEAD")],
+            )
+            return
+        if name == _STATUS:
+            await self._status(scope, send, exchange, loaded)
+            return
+        exchange.quiet = True
+        if name == "/healthz":
+            await self._send_json(send, exchange, 200, {"status": "ok"})
+        elif name == "/readyz":
+            await self._readyz(send, exchange, loaded)
+        else:
+            content_type = (b"content-type", CONTENT_TYPE_LATEST.encode())
+            await self._send(send, exchange, 200, generate_latest(), [content_type])
+
+    async def _readyz(self, send: Send, exchange: Exchange, loaded: LoadedRules) -> None:
+        failures: dict[str, str] = {}
+        if not self.upstreams.started:
+            failures["proxy"] = (
+                "The upstream connection pool is not open because the ASGI lifespan startup has "
+                "not run."
+            )
+        if not await self._keys_loaded():
+            failures["jwks"] = (
+                f"No signing keys are loaded from {self.settings.jwks_url}; check that the auth "
+                "server is up."
+            )
+        if failures:
+            log.warning("readiness check failed", extra={"failures": failures})
+            await self._send_json(
+                send, exchange, 503,
+                {"status": "unavailable", "rules_version": loaded.version, "failures": failures},
+            )
+            return
+        await self._send_json(
+            send, exchange, 200, {"status": "ready", "rules_version": loaded.version}
+        )
+
+    async def _keys_loaded(self) -> bool:
+        if not isinstance(self.key_source, JWKSClient):
+            return True
+        if not self.key_source.loaded:
+            # Rate-limited by the client's cooldown, so probes cannot flood the auth server.
+            await self.key_source.refresh(force=False)
+        return self.key_source.loaded
+
+    async def _status(
+        self, scope: Scope, send: Send, exchange: Exchange, loaded: LoadedRules
+    ) -> None:
+        header_map = _header_map(scope["headers"])
+        try:
+            principal = await self._authenticate(header_map)
+        except Unauthorized as error:
+            await self._send_unauthorized(send, exchange, error, header_map)
+            return
+        try:
+            principal.require_scope(GRAY_ADMIN)
+        except Forbidden as error:
+            challenge = f'Bearer error="insufficient_scope", scope="{GRAY_ADMIN}"'
+            await self._send_error(
+                send, exchange, 403, error.code, error.message,
+                [(b"www-authenticate", challenge.encode())],
+            )
+            return
+        body = {
+            "rules_version": loaded.version,
+            "loaded_at": loaded.loaded_at,
+            "rules_file": str(loaded.source),
+            "last_error": self.reloader.last_error,
+            "last_error_at": self.reloader.last_error_at,
+            "rules": loaded.rules.names,
+        }
+        await self._send_json(send, exchange, 200, body)
+
+    # Responses the router makes itself
+
+    async def _send_unauthorized(
+        self,
+        send: Send,
+        exchange: Exchange,
+        error: Unauthorized,
+        header_map: dict[str, tuple[str, ...]],
+    ) -> None:
+        # RFC 6750 section 3.1: a request without credentials gets a challenge with no error code.
+        challenge = b'Bearer error="invalid_token"' if "authorization" in header_map else b"Bearer"
+        await self._send_error(
+            send, exchange, 401, error.code, error.message, [(b"www-authenticate", challenge)]
+        )
+
+    async def _send_too_large(self, send: Send, exchange: Exchange) -> None:
+        exchange.target = ROUTER_TARGET
+        await self._send_error(
+            send, exchange, 413, "payload_too_large",
+            f"The request body is larger than the limit of {self.settings.max_body_bytes} bytes; "
+            "send a smaller body.",
+        )
+
+    async def _send_error(
+        self,
+        send: Send,
+        exchange: Exchange,
+        status: int,
+        code: str,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        exchange.error = message
+        await self._send_json(send, exchange, status, {"error": code, "message": message}, headers)
+
+    async def _send_json(
+        self,
+        send: Send,
+        exchange: Exchange,
+        status: int,
+        body: dict[str, Any],
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        await self._send(
+            send, exchange, status, json.dumps(body).encode(),
+            [(b"content-type", b"application/json"), *(headers or [])],
+        )
+
+    async def _send(
+        self,
+        send: Send,
+        exchange: Exchange,
+        status: int,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        exchange.status = status
+        exchange.response_started = True
+        all_headers = [
+            *headers, (b"content-length", str(len(body)).encode()), *exchange.gray_headers()
+        ]
+        start: Message = {"type": "http.response.start", "status": status, "headers": all_headers}
+        await send(start)
+        payload = b"" if exchange.method == "HEAD" else body
+        await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+def _should_fall_back(outcome: aiohttp.ClientResponse | UpstreamError) -> bool:
+    if isinstance(outcome, UpstreamError):
+        return True
+    return outcome.status >= 500
+
+
+def _is_internal(path: str) -> bool:
+    """Return True for `/internal` and every path under it.
+
+    The first segment is compared case-insensitively and without `;` parameters, so that no
+    spelling that some server could read as `/internal` reaches an upstream.
+    """
+    first_segment = path[1:].split("/", 1)[0]
+    return first_segment.split(";", 1)[0].lower() == "internal"
+
+
+def _first_header(headers: RawHeaders, name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _header_map(headers: RawHeaders) -> dict[str, tuple[str, ...]]:
+    result: dict[str, tuple[str, ...]] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1").lower()
+        result[name] = (*result.get(name, ()), raw_value.decode("latin-1"))
+    return result
+
+
+def create_app(settings: Settings, *, key_source: KeySource | None = None) -> RouterApp:
+    """Build the router; raise RulesError naming the file when the rules file is missing or invalid.
+
+    Without `key_source`, signing keys come from `settings.jwks_url` through a `JWKSClient` that
+    the app closes on shutdown.
+    """
+    reloader = RulesReloader(settings.rules_file, settings.rules_poll_seconds)
+    owns_key_source = key_source is None
+    if key_source is None:
+        key_source = JWKSClient(
+            settings.jwks_url,
+            refresh_seconds=settings.jwks_refresh_seconds,
+            min_refresh_seconds=settings.jwks_min_refresh_seconds,
+        )
+    verifier = TokenVerifier(
+        key_source,
+        issuer=settings.token_issuer,
+        audience=settings.token_audience,
+        leeway_seconds=settings.token_leeway_seconds,
+    )
+    return RouterApp(
+        settings,
+        reloader,
+        CachingVerifier(verifier, settings.token_cache_size),
+        key_source,
+        Upstreams(settings),
+        owns_key_source=owns_key_source,
+    )

@@ -1,0 +1,318 @@
+"""Reverse-proxy pieces: path normalisation, header rewriting, request body limits and the
+upstream connection pool.
+
+Everything here works on raw ASGI values (byte header pairs) so that the hot path stays free of
+framework routing.
+"""
+
+import logging
+import posixpath
+import re
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping, Sequence
+from typing import Any
+
+import aiohttp
+from prometheus_client import Counter
+from yarl import URL
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_ERRORS = Counter(
+    "ztcqrs_router_upstream_errors_total",
+    "Upstream calls that failed, by target and kind (connect, timeout, protocol, status_5xx).",
+    ["target", "kind"],
+)
+
+RawHeaders = Sequence[tuple[bytes, bytes]]
+# ASGI callables, typed here so the hot path imports no web framework.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, so they never cross the
+# proxy. Proxy-Connection is a non-standard form that some clients still send.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection",
+})
+# Request headers that only the router may set: a client could otherwise spoof its address or
+# the identity and routing headers that upstream services trust. `Host` is rewritten by the
+# HTTP client to the upstream's authority, and `Expect` is handled by the router's own server.
+_DROPPED_REQUEST_HEADERS = frozenset({
+    b"host", b"forwarded", b"x-real-ip", b"x-request-id", b"expect",
+})
+_DROPPED_REQUEST_PREFIXES = (b"x-forwarded-", b"x-user-", b"x-gray-")
+# uvicorn adds its own `Server` and `Date` by default, and the router sets the request id and
+# gray headers, so the upstream's copies would only be duplicates.
+_DROPPED_RESPONSE_HEADERS = frozenset({b"server", b"date", b"x-request-id"})
+_DROPPED_RESPONSE_PREFIXES = (b"x-gray-",)
+
+# Characters that stay literal when a decoded path is encoded again: RFC 3986 `pchar` and `/`.
+_PATH_SAFE = "/:@!$&'()*+,;="
+_FORBIDDEN_IN_PATH = re.compile(r"[\x00-\x1f\x7f\\]")
+_SLASHES = re.compile(r"/{2,}")
+
+# Below uvicorn's default keep-alive timeout of 5 s, so the pool drops an idle connection before
+# the upstream server closes it. This avoids sending a request on a connection being closed.
+POOL_KEEPALIVE_SECONDS = 4.0
+
+
+class InvalidPath(ValueError):
+    """A request path that cannot be normalised safely. The message gives the reason."""
+
+
+class BodyTooLarge(Exception):
+    """The request body is larger than the router forwards."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before it sent the whole request body."""
+
+
+class UpstreamError(Exception):
+    """An upstream call failed before a response arrived.
+
+    The message has the details for the log; `public_message` is safe to send to clients
+    because it names no internal address.
+    """
+
+    def __init__(self, kind: str, status: int, public_message: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind  # connect, timeout or protocol
+        self.status = status  # status of the router's response: 502 or 504
+        self.public_message = public_message
+
+
+def normalise_path(raw_path: bytes) -> str:
+    """Percent-decode the path once and resolve `//`, `.` and `..`, or raise InvalidPath.
+
+    An encoded slash, a backslash or a control character (NUL included) is rejected, because
+    upstream servers disagree on what they mean. The result is what rules match and what is
+    forwarded, so the router and the upstream always see the same path.
+    """
+    raw = raw_path.split(b"?", 1)[0]
+    if b"%2f" in raw.lower():
+        raise InvalidPath("The path contains an encoded slash (%2F), which is not accepted.")
+    try:
+        decoded = urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidPath("The path is not valid UTF-8 after percent-decoding.") from error
+    if _FORBIDDEN_IN_PATH.search(decoded):
+        raise InvalidPath(
+            "The path contains a backslash or a control character such as NUL, which is not "
+            "accepted."
+        )
+    if not decoded.startswith("/"):
+        raise InvalidPath("The path must start with '/'.")
+    # normpath keeps a leading '//' (POSIX leaves its meaning open), so collapse slashes first.
+    return posixpath.normpath(_SLASHES.sub("/", decoded))
+
+
+def encode_path(path: str) -> str:
+    """Percent-encode a normalised path for the upstream request line."""
+    return urllib.parse.quote(path, safe=_PATH_SAFE)
+
+
+def connection_listed(headers: RawHeaders) -> frozenset[bytes]:
+    """Return the header names listed in `Connection` headers, which are hop-by-hop too."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(names)
+
+
+def upstream_request_headers(
+    headers: RawHeaders,
+    *,
+    client_host: str | None,
+    scheme: str,
+    request_id: str,
+) -> list[tuple[str, str]]:
+    """Return the headers to send upstream: end-to-end headers plus the router's own.
+
+    `Authorization` is kept because every service verifies the token again. `Content-Length` is
+    dropped when the client also sent `Transfer-Encoding`, which takes precedence (RFC 9112
+    section 6.3), so the two can never disagree upstream.
+    """
+    listed = connection_listed(headers)
+    chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
+    forwarded: list[tuple[str, str]] = []
+    host: str | None = None
+    for raw_name, raw_value in headers:
+        name = raw_name.lower()
+        if name == b"host" and host is None:
+            host = raw_value.decode("latin-1")
+        if (
+            name in HOP_BY_HOP
+            or name in listed
+            or name in _DROPPED_REQUEST_HEADERS
+            or name.startswith(_DROPPED_REQUEST_PREFIXES)
+            or (chunked and name == b"content-length")
+        ):
+            continue
+        forwarded.append((name.decode("latin-1"), raw_value.decode("latin-1")))
+    if client_host:
+        forwarded.append(("x-forwarded-for", client_host))
+    forwarded.append(("x-forwarded-proto", scheme))
+    if host:
+        forwarded.append(("x-forwarded-host", host))
+    forwarded.append(("x-request-id", request_id))
+    return forwarded
+
+
+def client_response_headers(headers: RawHeaders) -> list[tuple[bytes, bytes]]:
+    """Return the upstream response headers that go back to the client."""
+    listed = connection_listed(headers)
+    kept: list[tuple[bytes, bytes]] = []
+    for raw_name, value in headers:
+        name = raw_name.lower()
+        if (
+            name in HOP_BY_HOP
+            or name in listed
+            or name in _DROPPED_RESPONSE_HEADERS
+            or name.startswith(_DROPPED_RESPONSE_PREFIXES)
+        ):
+            continue
+        kept.append((name, value))
+    return kept
+
+
+def declared_length(headers: RawHeaders) -> int | None:
+    """Return the request's Content-Length, or None. Raise ValueError for an invalid one."""
+    values = {value.strip() for name, value in headers if name.lower() == b"content-length"}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValueError("The request has several different Content-Length headers.")
+    value = values.pop()
+    if not value.isdigit():
+        raise ValueError("The request's Content-Length header is not a non-negative integer.")
+    return int(value)
+
+
+def has_body(headers: RawHeaders) -> bool:
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            return True
+        if lowered == b"content-length" and value.strip() not in (b"", b"0"):
+            return True
+    return False
+
+
+class RequestBody:
+    """The client's request body, read from ASGI `receive` with a byte limit."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self.limit = limit
+        self.received = 0
+        self.too_large = False
+        self.client_gone = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Yield the body as it arrives. Raise BodyTooLarge or, on disconnect, ClientGone."""
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                raise ClientGone("The client disconnected while sending the request body.")
+            chunk: bytes = message.get("body", b"")
+            self.received += len(chunk)
+            if self.received > self.limit:
+                self.too_large = True
+                raise BodyTooLarge(f"The request body is larger than {self.limit} bytes.")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    async def read(self) -> bytes:
+        """Return the whole body, for a request that may be sent twice (fallback)."""
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+class Upstreams:
+    """The shared HTTP connection pool to the monolith and the CQRS service."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.base_urls = {"monolith": settings.monolith_url, "cqrs": settings.cqrs_url}
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.upstream_timeout_seconds,
+            sock_connect=settings.connect_timeout_seconds,
+            sock_read=settings.upstream_timeout_seconds,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._session is not None and not self._session.closed
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(keepalive_timeout=POOL_KEEPALIVE_SECONDS),
+            timeout=self.timeout,
+            # Cookies and compressed bodies belong to the client, so they pass through unchanged.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            # Never add headers the client did not send, and never use a proxy from the env.
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def send(
+        self,
+        target: str,
+        method: str,
+        path: str,
+        query: bytes,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        """Send the request and return the response once its headers arrived.
+
+        Raise UpstreamError when the target cannot be reached, times out or breaks the protocol.
+        The caller must release the response.
+        """
+        if self._session is None:
+            raise RuntimeError("The upstream pool is not started; run the app's lifespan startup.")
+        text = self.base_urls[target] + encode_path(path)
+        if query:
+            text += "?" + query.decode("latin-1")
+        try:
+            return await self._session.request(
+                method, URL(text, encoded=True), headers=list(headers), data=body,
+                allow_redirects=False,
+            )
+        except TimeoutError as error:
+            raise UpstreamError(
+                "timeout", 504,
+                f"The {target} service did not answer in time; retry shortly.",
+                f"{target} timed out: {error!r}",
+            ) from error
+        except aiohttp.ClientConnectorError as error:
+            raise UpstreamError(
+                "connect", 502,
+                f"The {target} service cannot be reached; retry shortly.",
+                f"{target} cannot be reached: {error}",
+            ) from error
+        except aiohttp.ClientError as error:
+            raise UpstreamError(
+                "protocol", 502,
+                f"The {target} service sent an invalid response or closed the connection; "
+                "retry shortly.",
+                f"{target} sent an invalid response or closed the connection: {error!r}",
+            ) from error

@@ -1,0 +1,65 @@
+"""The local runner: port checks and settings, without starting the platform."""
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from services.cli.runner import LocalPlatform, PlatformConfig, StartupError
+from tests.conftest import free_port
+
+
+def config_with_ports(tmp_path: Path) -> PlatformConfig:
+    return PlatformConfig(
+        data_dir=tmp_path,
+        ports={name: free_port() for name in ("auth", "monolith", "cqrs", "router")},
+        redis_port=free_port(),
+    )
+
+
+def test_port_in_use_names_port_and_setting(tmp_path: Path) -> None:
+    config = config_with_ports(tmp_path)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        config.ports["router"] = blocker.getsockname()[1]
+        with pytest.raises(StartupError) as raised:
+            LocalPlatform(config).check_ports()
+    message = str(raised.value)
+    assert str(config.ports["router"]) in message
+    assert "ROUTER_PORT" in message
+
+
+def test_embedded_redis_port_checked(tmp_path: Path) -> None:
+    config = config_with_ports(tmp_path)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        config.redis_port = blocker.getsockname()[1]
+        with pytest.raises(StartupError, match="ZTCQRS_REDIS_PORT"):
+            LocalPlatform(config).check_ports()
+
+
+def test_given_redis_url_skips_embedded_port(tmp_path: Path) -> None:
+    config = config_with_ports(tmp_path)
+    config.redis_url = "redis://127.0.0.1:1/0"
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        config.redis_port = blocker.getsockname()[1]
+        LocalPlatform(config).check_ports()
+    assert LocalPlatform(config).redis_url == "redis://127.0.0.1:1/0"
+
+
+def test_invalid_port_setting_rejected() -> None:
+    with pytest.raises(StartupError, match="ROUTER_PORT='http'"):
+        PlatformConfig.from_env({"ROUTER_PORT": "http"})
+
+
+def test_child_env_points_at_chosen_ports(tmp_path: Path) -> None:
+    config = config_with_ports(tmp_path)
+    env = LocalPlatform(config).child_env()
+    assert env["ROUTER_PORT"] == str(config.ports["router"])
+    assert env["ZTCQRS_TOKEN_ISSUER"] == f"http://127.0.0.1:{config.ports['auth']}"
+    assert env["CQRS_MONOLITH_URL"] == f"http://127.0.0.1:{config.ports['monolith']}"
+    assert env["REDIS_URL"] == f"redis://127.0.0.1:{config.redis_port}/0"
