@@ -8,9 +8,7 @@ the error and is acknowledged. Handlers must be idempotent, which version-gated 
 """
 
 import asyncio
-import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +19,7 @@ from redis import exceptions as redis_errors
 from .clock import utc_now
 from .events import EnvelopeError, Event
 from .names import dead_letter_stream
+from .retry import backoff_seconds, sleep_unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ class StreamConsumer:
                     "Redis unavailable; retrying",
                     extra={**self._ids(), "error": str(error), "retry_in_s": round(delay, 2)},
                 )
-                await _sleep_unless(stop, delay)
+                await sleep_unless_stopped(stop, delay)
         log.info("consumer stopped", extra=self._ids())
 
     async def poll(self) -> int:
@@ -238,16 +237,9 @@ class StreamConsumer:
         )
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(
-            self.options.retry_max_seconds,
-            self.options.retry_base_seconds * 2 ** max(attempt - 1, 0),
+        return backoff_seconds(
+            attempt, base=self.options.retry_base_seconds, maximum=self.options.retry_max_seconds
         )
-        return random.uniform(ceiling / 2, ceiling)
 
     def _ids(self) -> dict[str, Any]:
         return {"group": self.group, "consumer": self.consumer, "streams": self.streams}
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -31,8 +31,13 @@ class CdcIngest:
         self.authority = authority
 
     async def __call__(self, stream: str, entry_id: str, event: Event) -> None:
-        ids = {"stream": stream, "entry_id": entry_id, "event_id": event.id,
-               "subject": event.subject, "version": event.aggregate_version}
+        ids = {
+            "stream": stream,
+            "entry_id": entry_id,
+            "event_id": event.id,
+            "subject": event.subject,
+            "version": event.aggregate_version,
+        }
         if event.origin != ORIGIN_MONOLITH:
             log.warning(
                 "skipping event not of origin monolith", extra={**ids, "origin": event.origin}

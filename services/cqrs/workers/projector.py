@@ -35,9 +35,14 @@ class Projector:
             raise PermanentFailure(str(error)) from error
         log.debug(
             "event projected",
-            extra={"stream": stream, "entry_id": entry_id, "event_id": event.id,
-                   "subject": event.subject, "version": event.aggregate_version,
-                   "decision": None if decision is None else decision.value},
+            extra={
+                "stream": stream,
+                "entry_id": entry_id,
+                "event_id": event.id,
+                "subject": event.subject,
+                "version": event.aggregate_version,
+                "decision": None if decision is None else decision.value,
+            },
         )
 
 

@@ -125,8 +125,13 @@ class ReverseSync:
         self.monolith_url = monolith_url.rstrip("/")
 
     async def __call__(self, stream: str, entry_id: str, event: Event) -> None:
-        ids = {"stream": stream, "entry_id": entry_id, "event_id": event.id,
-               "subject": event.subject, "version": event.aggregate_version}
+        ids = {
+            "stream": stream,
+            "entry_id": entry_id,
+            "event_id": event.id,
+            "subject": event.subject,
+            "version": event.aggregate_version,
+        }
         if event.origin != ORIGIN_CQRS or event.aggregate != ORDER:
             log.debug("event not sent to the monolith", extra={**ids, "origin": event.origin})
             return
@@ -214,8 +219,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     )
     log.info(
         "reverse sync started",
-        extra={"monolith_url": settings.monolith_url, "token_url": settings.token_url,
-               "client_id": settings.sync_client_id, "consumer": settings.consumer_name},
+        extra={
+            "monolith_url": settings.monolith_url,
+            "token_url": settings.token_url,
+            "client_id": settings.sync_client_id,
+            "consumer": settings.consumer_name,
+        },
     )
     try:
         await build_consumer(settings, client, http).run(stop)

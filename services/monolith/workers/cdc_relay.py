@@ -1,28 +1,20 @@
 """CDC relay: publishes the monolith's change log to the `cdc.monolith` stream, at least once.
 
-Each batch is read after the checkpoint in `seq` order, its `monolith`-origin rows are appended in
-one MULTI/EXEC pipeline, and only then is the checkpoint stored. A crash between the append and the
-checkpoint publishes the batch again on restart, so rows may repeat (consumers skip duplicates by
-version) but never go missing. Rows of origin `cqrs` were written by the sync API and are not
-published, so no change echoes back to the CQRS side.
-
-SQLite has one writer at a time and a transaction keeps the write lock until it commits, so rows
-become visible in `seq` order: a reader can never see seq n+1 while seq n is still uncommitted.
+Rows of origin `cqrs` were written by the sync API and are not published, so no change echoes back
+to the CQRS side; the checkpoint still moves past them. SQLite has one writer at a time and a
+transaction keeps the write lock until it commits, so rows become visible in `seq` order: a reader
+never sees seq n+1 while seq n is still uncommitted, and no row can appear behind the checkpoint.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
-import random
 
 import redis.asyncio as aioredis
-import redis.exceptions
-from sqlalchemy import Connection, Engine, RowMapping, func, select
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, RowMapping, select
 
+from services.shared import relay
 from services.shared.events import Event
 from services.shared.names import CDC_STREAM, ORIGIN_MONOLITH
 from services.shared.streams import connect
@@ -40,7 +32,11 @@ ACTIONS = {"insert": "created", "update": "updated", "delete": "deleted"}
 
 
 def event_for_row(row: RowMapping) -> Event:
-    """Build the CloudEvents envelope of one change-log row; `time` is when the row changed."""
+    """Build the CloudEvents envelope of one change-log row.
+
+    `time` is when the row changed, and `id` derives from the row's `seq`, so a row relayed twice
+    after a crash carries the same event id both times.
+    """
     event = Event.for_aggregate(
         source=EVENT_SOURCE,
         aggregate=AGGREGATES[row["table_name"]],
@@ -49,23 +45,17 @@ def event_for_row(row: RowMapping) -> Event:
         state=json.loads(row["row_json"]),
         origin=ORIGIN_MONOLITH,
     )
-    return dataclasses.replace(event, time=row["changed_at"])
+    return dataclasses.replace(event, time=row["changed_at"], id=f"monolith-change-{row['seq']}")
 
 
 def read_checkpoint(engine: Engine) -> int:
     with read_connection(engine) as connection:
-        return _checkpoint(connection)
-
-
-def _checkpoint(connection: Connection) -> int:
-    query = select(relay_checkpoint.c.seq).where(relay_checkpoint.c.name == CHECKPOINT_NAME)
-    seq = connection.scalar(query)
-    return int(seq) if seq is not None else 0
+        return relay.read_checkpoint(connection, relay_checkpoint, CHECKPOINT_NAME)
 
 
 def _read_batch(engine: Engine, batch_size: int) -> list[RowMapping]:
     with read_connection(engine) as connection:
-        after = _checkpoint(connection)
+        after = relay.read_checkpoint(connection, relay_checkpoint, CHECKPOINT_NAME)
         query = (
             select(change_log)
             .where(change_log.c.seq > after)
@@ -73,17 +63,6 @@ def _read_batch(engine: Engine, batch_size: int) -> list[RowMapping]:
             .limit(batch_size)
         )
         return list(connection.execute(query).mappings())
-
-
-def _store_checkpoint(engine: Engine, seq: int) -> None:
-    statement = sqlite_insert(relay_checkpoint).values(name=CHECKPOINT_NAME, seq=seq)
-    # MAX keeps the checkpoint from moving back if two relays ever run at once.
-    statement = statement.on_conflict_do_update(
-        index_elements=[relay_checkpoint.c.name],
-        set_={"seq": func.max(statement.excluded.seq, relay_checkpoint.c.seq)},
-    )
-    with engine.begin() as connection:
-        connection.execute(statement)
 
 
 async def relay_once(engine: Engine, client: "aioredis.Redis", *, batch_size: int) -> int:
@@ -102,57 +81,43 @@ async def relay_once(engine: Engine, client: "aioredis.Redis", *, batch_size: in
                 pipe.xadd(CDC_STREAM, event.to_fields())  # type: ignore[arg-type]
             await pipe.execute()
     last_seq = int(rows[-1]["seq"])
-    await asyncio.to_thread(_store_checkpoint, engine, last_seq)
+    await asyncio.to_thread(
+        relay.store_checkpoint, engine, relay_checkpoint, CHECKPOINT_NAME, last_seq
+    )
     log.debug(
         "change-log batch relayed",
-        extra={"first_seq": rows[0]["seq"], "last_seq": last_seq, "published": len(events),
-               "skipped": len(rows) - len(events), "stream": CDC_STREAM},
+        extra={
+            "first_seq": rows[0]["seq"],
+            "last_seq": last_seq,
+            "published": len(events),
+            "skipped": len(rows) - len(events),
+            "stream": CDC_STREAM,
+        },
     )
     return len(rows)
-
-
-def _backoff(settings: Settings, failures: int) -> float:
-    ceiling = min(
-        settings.relay_retry_max_seconds,
-        settings.relay_retry_base_seconds * 2 ** max(failures - 1, 0),
-    )
-    return random.uniform(ceiling / 2, ceiling)
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Relay the change log until `stop` is set; retry with backoff while Redis or SQLite fail."""
     engine = await asyncio.to_thread(open_database, settings)
     client = connect(settings.redis_url)
-    ids = {"stream": CDC_STREAM, "checkpoint_name": CHECKPOINT_NAME,
-           "database": str(settings.resolved_database_path)}
+    ids = {
+        "stream": CDC_STREAM,
+        "checkpoint_name": CHECKPOINT_NAME,
+        "database": str(settings.resolved_database_path),
+    }
     checkpoint = await asyncio.to_thread(read_checkpoint, engine)
     log.info("CDC relay started", extra={**ids, "checkpoint": checkpoint})
-    failures = 0
     try:
-        while not stop.is_set():
-            try:
-                relayed = await relay_once(engine, client, batch_size=settings.relay_batch_size)
-            except (redis.exceptions.RedisError, OSError, SQLAlchemyError) as error:
-                failures += 1
-                delay = _backoff(settings, failures)
-                kind = "database" if isinstance(error, SQLAlchemyError) else "Redis"
-                log.warning(
-                    "CDC relay batch failed; checkpoint kept, retrying",
-                    extra={**ids, "dependency": kind, "error": str(error),
-                           "consecutive_failures": failures, "retry_in_s": round(delay, 2)},
-                )
-                await _sleep_unless(stop, delay)
-                continue
-            if failures:
-                log.info("CDC relay recovered", extra={**ids, "failed_attempts": failures})
-                failures = 0
-            if relayed < settings.relay_batch_size:
-                await _sleep_unless(stop, settings.relay_poll_interval_seconds)
+        await relay.run_relay(
+            lambda: relay_once(engine, client, batch_size=settings.relay_batch_size),
+            stop=stop,
+            batch_size=settings.relay_batch_size,
+            poll_interval_seconds=settings.relay_poll_interval_seconds,
+            ids=ids,
+            retry_base_seconds=settings.relay_retry_base_seconds,
+            retry_max_seconds=settings.relay_retry_max_seconds,
+        )
     finally:
         await client.aclose()
         engine.dispose()
