@@ -30,8 +30,8 @@ Try it (alice is a beta tester and goes to the CQRS side, bob stays on the monol
       -d '{{"items": [{{"product_id": "prod-mouse", "quantity": 2}}]}}' {router}/orders
   curl -s -H "Authorization: Bearer $BOB" {router}/orders
 
-Look at X-Gray-Target in each response. Raise `percent` of the `canary` rule in the rules file
-to move more users to the CQRS side; the router picks the change up without a restart.
+Look at X-Gray-Target in each response. To move more users to the CQRS side, raise `percent` of
+the `canary` rule in the rules file. The router applies the change without a restart.
 
 Press Ctrl-C to stop every process.
 """

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
-    package: str  # holds settings.Settings and app.create_app
+    package: str  # contains settings.Settings and app.create_app
     port_setting: str
     default_port: int
 
@@ -23,8 +23,8 @@ class ServiceSpec:
 @dataclass(frozen=True)
 class WorkerSpec:
     name: str
-    package: str  # holds settings.Settings
-    module: str  # holds `async def run(settings, stop)`
+    package: str  # contains settings.Settings
+    module: str  # defines `async def run(settings, stop)`
 
 
 SERVICES: dict[str, ServiceSpec] = {

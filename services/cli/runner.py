@@ -2,8 +2,8 @@
 
 It starts Redis (an embedded server unless `REDIS_URL` is set), then the auth server, the monolith,
 the CQRS service, the workers and the router, each as its own process with its output in
-`<data dir>/logs/<name>.log`. It waits until each service answers `/readyz`, restarts a process
-that dies with exponential backoff, and on stop terminates every process it started.
+`<data dir>/logs/<name>.log`. It waits until each service's `/readyz` returns 200, restarts a
+process that dies with exponential backoff, and on stop terminates every process it started.
 """
 
 import contextlib
@@ -52,7 +52,7 @@ START_ORDER = (
 
 
 class StartupError(RuntimeError):
-    """The platform could not start; the message says which part and what to do."""
+    """The platform could not start; the message names the part and the fix."""
 
 
 class StartInterrupted(StartupError):

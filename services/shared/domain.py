@@ -129,7 +129,7 @@ def price_items(
 def order_not_found(order_id: str) -> NotFound:
     """Return the 404 for an order that does not exist or belongs to someone else.
 
-    Both cases answer alike so that order ids of other users cannot be probed.
+    Both cases return the same response, so order ids of other users cannot be probed.
     """
     return NotFound(f"Order {order_id!r} was not found.")
 

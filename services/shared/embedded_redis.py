@@ -92,7 +92,7 @@ class EmbeddedRedis:
                 except redis.exceptions.ConnectionError:
                     if time.monotonic() > deadline:
                         raise TimeoutError(
-                            f"redis-server on port {self.port} did not answer within "
+                            f"redis-server on port {self.port} did not respond within "
                             f"{timeout_seconds} s; see {self.data_dir / 'redis.log'}."
                         ) from None
                     time.sleep(0.05)

@@ -2,7 +2,7 @@
 
 A `StreamConsumer` reads its groups' new entries, hands each event to a handler and acknowledges it
 only after the handler returns. Entries left pending by a consumer that died are claimed after
-`claim_idle_ms`. A handler error leaves the entry pending, to be retried with backoff; after
+`claim_idle_ms`. A handler error leaves the entry pending, to be retried with backoff. After
 `max_tries` deliveries, or at once for a `PermanentFailure`, the entry moves to `<stream>.dlq` with
 the error and is acknowledged. Handlers must be idempotent, which version-gated apply makes them.
 """

@@ -102,7 +102,7 @@ def _field_path(location: tuple[Any, ...] | list[Any]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer every error with the platform's JSON error body, never with a bare 500 page."""
+    """Return the platform's JSON error body for every error, never a bare 500 page."""
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
@@ -154,7 +154,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def install_health_routes(app: FastAPI, checks: dict[str, ReadinessCheck]) -> None:
-    """Mount `/healthz` (the process runs), `/readyz` (its dependencies answer) and `/metrics`."""
+    """Mount `/healthz` (the process runs), `/readyz` (its dependencies respond) and `/metrics`."""
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -1,7 +1,7 @@
 """CDC relay: publishes the monolith's change log to the `cdc.monolith` stream, at least once.
 
 Rows of origin `cqrs` were written by the sync API and are not published, so no change echoes back
-to the CQRS side; the checkpoint still moves past them. SQLite has one writer at a time and a
+to the CQRS side. The checkpoint still moves past them. SQLite has one writer at a time and a
 transaction keeps the write lock until it commits, so rows become visible in `seq` order: a reader
 never sees seq n+1 while seq n is still uncommitted, and no row can appear behind the checkpoint.
 """
