@@ -1,6 +1,7 @@
 """Entry point of the `ztcqrs` command."""
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -71,24 +72,40 @@ def _up() -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    serve(args.service)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    run_worker(args.worker)
+    return 0
+
+
+# Modules that add operator subcommands. Each defines `register(commands)`, which adds its parsers
+# with `set_defaults(handler=...)`; a handler takes the parsed arguments and returns an exit code.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ztcqrs", description="Zero-trust gray migration from a monolith to a CQRS service."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="run the whole platform locally until Ctrl-C")
+    commands.add_parser("up", help="run the whole platform locally until Ctrl-C").set_defaults(
+        handler=lambda _args: _up()
+    )
     serve_parser = commands.add_parser("serve", help="run one HTTP service")
     serve_parser.add_argument("service", choices=sorted(SERVICES))
+    serve_parser.set_defaults(handler=_serve)
     worker_parser = commands.add_parser("worker", help="run one background worker")
     worker_parser.add_argument("worker", choices=sorted(WORKERS))
+    worker_parser.set_defaults(handler=_worker)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "up":
-        sys.exit(_up())
-    if args.command == "serve":
-        serve(args.service)
-    elif args.command == "worker":
-        run_worker(args.worker)
+    sys.exit(args.handler(args))
