@@ -63,3 +63,28 @@ def test_child_env_points_at_chosen_ports(tmp_path: Path) -> None:
     assert env["ZTCQRS_TOKEN_ISSUER"] == f"http://127.0.0.1:{config.ports['auth']}"
     assert env["CQRS_MONOLITH_URL"] == f"http://127.0.0.1:{config.ports['monolith']}"
     assert env["REDIS_URL"] == f"redis://127.0.0.1:{config.redis_port}/0"
+
+
+def test_shared_port_rejected(tmp_path: Path) -> None:
+    config = config_with_ports(tmp_path)
+    config.ports["router"] = config.ports["auth"]
+    with pytest.raises(StartupError) as raised:
+        LocalPlatform(config).check_ports()
+    message = str(raised.value)
+    assert "auth (AUTH_PORT)" in message
+    assert "router (ROUTER_PORT)" in message
+
+
+def test_every_busy_port_reported(tmp_path: Path) -> None:
+    config = config_with_ports(tmp_path)
+    with socket.socket() as first, socket.socket() as second:
+        for blocker in (first, second):
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen()
+        config.ports["auth"] = first.getsockname()[1]
+        config.ports["cqrs"] = second.getsockname()[1]
+        with pytest.raises(StartupError) as raised:
+            LocalPlatform(config).check_ports()
+    message = str(raised.value)
+    assert "AUTH_PORT" in message
+    assert "CQRS_PORT" in message

@@ -21,8 +21,9 @@ ztcqrs is running. Logs: {logs}/<process>.log   Rules (edit live): {rules}
 
 Try it (alice is a beta tester and goes to the CQRS side, bob stays on the monolith):
 
-  token() {{ curl -s -d grant_type=password -d username=$1 -d password=demo-pass \\
-      {auth}/token | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])'; }}
+  token() {{ curl -s -d grant_type=password -d username=$1 -d password=demo-pass {auth}/token |
+      python3 -c 'import json,sys;r=json.load(sys.stdin);print(r.get("access_token")or sys.exit(r))'
+  }}
   ALICE=$(token alice); BOB=$(token bob)
   curl -s -H "Authorization: Bearer $ALICE" {router}/products
   curl -si -H "Authorization: Bearer $ALICE" -H 'Content-Type: application/json' \\
@@ -32,7 +33,8 @@ Try it (alice is a beta tester and goes to the CQRS side, bob stays on the monol
   curl -s -H "Authorization: Bearer $BOB" {router}/orders
 
 Look at X-Gray-Target in each response. To move more users to the CQRS side, raise `percent` of
-the `canary` rule in the rules file. The router applies the change without a restart.
+the `canary` rule in the rules file (bob moves at 31). The router applies the change without a
+restart; an invalid edit keeps the last good rules, and router.log says why.
 
 Press Ctrl-C to stop every process.
 """

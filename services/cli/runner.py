@@ -194,12 +194,24 @@ class LocalPlatform:
         ]
         if self.config.redis_url is None:
             wanted.append(("embedded Redis", EMBEDDED_REDIS_PORT_SETTING, self.config.redis_port))
+        problems = []
+        first_user: dict[int, tuple[str, str]] = {}
         for name, setting, port in wanted:
+            if port in first_user:
+                other_name, other_setting = first_user[port]
+                problems.append(
+                    f"Port {port} is set for both {other_name} ({other_setting}) and {name} "
+                    f"({setting}); give each its own port."
+                )
+                continue
+            first_user[port] = (name, setting)
             if port_in_use(self.config.host, port):
-                raise StartupError(
+                problems.append(
                     f"Port {port} ({name}) is already in use on {self.config.host}; stop the "
                     f"process using it or set {setting} to a free port."
                 )
+        if problems:
+            raise StartupError("\n".join(problems))
 
     def child_env(self) -> dict[str, str]:
         auth = self.config.url("auth")

@@ -89,8 +89,8 @@ def next_status(order_id: str, current: str, action: str) -> OrderStatus:
     allowed_from, target = TRANSITIONS[action]
     if OrderStatus(current) not in allowed_from:
         raise InvalidTransition(
-            f"Order {order_id} is {current}, so it cannot {action}; "
-            f"{action} is allowed only from {', '.join(sorted(allowed_from))}."
+            f"Order {order_id} is {current}, so it cannot be {target}; "
+            f"{action} is allowed only from {' or '.join(sorted(allowed_from))}."
         )
     return target
 
