@@ -21,6 +21,12 @@ from services.shared.settings import DEMO_PASSWORD
 PRODUCTION_SECRET = "a-long-random-production-secret"
 
 
+@pytest.fixture(autouse=True)
+def _empty_redis(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the auth server at an emptied Redis, where it counts failed sign-ins per test."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+
+
 @pytest.fixture(scope="module")
 def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "signing-key.pem"

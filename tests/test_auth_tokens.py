@@ -19,6 +19,12 @@ ISSUER = "http://127.0.0.1:8000"
 AUDIENCE = "ztcqrs-api"
 
 
+@pytest.fixture(autouse=True)
+def _empty_redis(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the auth server at an emptied Redis, where it counts failed sign-ins per test."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+
+
 @pytest.fixture
 async def client(data_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(data_dir=data_dir, env="development", issuer=ISSUER, audience=AUDIENCE)

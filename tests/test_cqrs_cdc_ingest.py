@@ -220,3 +220,23 @@ async def test_ingest_run_until_stopped(settings: Settings, engine: Engine) -> N
     await asyncio.wait_for(task, timeout=3)
 
     assert load_product(engine, KEYBOARD["id"]) is not None
+
+
+async def test_ingest_waits_out_broken_database(settings: Settings, engine: Engine) -> None:
+    # A write model that cannot be written is not the event's fault: no try is counted.
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE products RENAME TO products_away")
+    client = connect(settings.redis_url)
+    await append(client, CDC_STREAM, product_event(KEYBOARD, version=1))
+    consumer = cdc_ingest.build_consumer(settings, client, engine, options=FAST_OPTIONS)
+    for _round in range(FAST_OPTIONS.max_tries + 2):
+        assert await consume_once(consumer) == 0
+    assert await client.xlen(dead_letter_stream(CDC_STREAM)) == 0
+    assert (await client.xpending(CDC_STREAM, INGEST_GROUP))["pending"] == 1
+
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE products_away RENAME TO products")
+    assert await consume_once(consumer) == 1
+    await client.aclose()
+
+    assert load_product(engine, KEYBOARD["id"]) is not None

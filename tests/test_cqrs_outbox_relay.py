@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 from redis import exceptions as redis_errors
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from services.cqrs.commands import create_order, transition_order
-from services.cqrs.schema import open_write_model
+from services.cqrs.schema import open_write_model, outbox
 from services.cqrs.settings import Settings
 from services.cqrs.workers import outbox_relay
 from services.cqrs.workers.outbox_relay import read_checkpoint, relay_once
@@ -121,3 +121,36 @@ async def test_relay_run_survives_redis_down(data_dir: Path, engine: Engine) -> 
     stop.set()
     await asyncio.wait_for(task, timeout=2)
     assert read_checkpoint(engine) == 0
+
+
+def outbox_seqs(engine: Engine) -> list[int]:
+    with engine.connect() as connection:
+        return list(connection.execute(select(outbox.c.seq).order_by(outbox.c.seq)).scalars())
+
+
+async def test_relay_prunes_relayed_rows(engine: Engine, redis_url: str) -> None:
+    for _ in range(5):
+        new_order(engine)
+    client = connect(redis_url)
+
+    assert await relay_once(engine, client, batch_size=3) == 3
+    assert outbox_seqs(engine) == [4, 5]
+    assert await relay_once(engine, client, batch_size=3) == 2
+    await client.aclose()
+
+    assert outbox_seqs(engine) == []
+    assert read_checkpoint(engine) == 5
+    # AUTOINCREMENT keeps new rows above the checkpoint even though the table is empty.
+    new_order(engine)
+    assert outbox_seqs(engine) == [6]
+
+
+async def test_relay_keeps_rows_when_redis_down(engine: Engine) -> None:
+    new_order(engine)
+    down = connect(f"redis://127.0.0.1:{free_port()}/0")
+
+    with pytest.raises(redis_errors.ConnectionError):
+        await relay_once(engine, down, batch_size=100)
+    await down.aclose()
+
+    assert outbox_seqs(engine) == [1]

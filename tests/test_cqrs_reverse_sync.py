@@ -99,10 +99,7 @@ async def monolith(signing_key: SigningKey) -> AsyncIterator[FakeMonolith]:
 
 @pytest.fixture
 def settings(data_dir: Path, redis_url: str, monolith: FakeMonolith) -> Settings:
-    return cqrs_settings(
-        data_dir, redis_url, monolith_url=monolith.url, token_url=f"{monolith.url}/token",
-        sync_client_secret=CLIENT_SECRET,
-    )
+    return settings_for(monolith, data_dir, redis_url)
 
 
 @pytest.fixture
@@ -284,3 +281,34 @@ async def test_sync_run_until_stopped(
     await asyncio.wait_for(task, timeout=3)
 
     assert [put["body"]["event_id"] for put in monolith.puts] == [event.id]
+
+
+async def test_sync_down_longer_than_tries(
+    data_dir: Path, redis_url: str, monolith: FakeMonolith, client: "redis.Redis"
+) -> None:
+    # An unreachable monolith is retried for as long as it is down; it never dead-letters.
+    down = cqrs_settings(
+        data_dir, redis_url, monolith_url=f"http://127.0.0.1:{free_port()}",
+        token_url=f"{monolith.url}/token", sync_client_secret=CLIENT_SECRET,
+    )
+    event = order_event(order_state("o1"), action="created", origin="cqrs")
+    await append(client, CQRS_STREAM, event)
+    monolith.scripted["o1"] = [503, 502, 500]
+
+    for _round in range(FAST_OPTIONS.max_tries * 2):
+        assert await sync_round(down) == 0
+    up = settings_for(monolith, data_dir, redis_url)
+    for _status in range(3):
+        assert await sync_round(up) == 0
+
+    assert await client.xlen(dead_letter_stream(CQRS_STREAM)) == 0
+    assert await sync_round(up) == 1
+    assert [put["body"]["event_id"] for put in monolith.puts] == [event.id] * 4
+    assert await pending_count(client) == 0
+
+
+def settings_for(monolith: FakeMonolith, data_dir: Path, redis_url: str) -> Settings:
+    return cqrs_settings(
+        data_dir, redis_url, monolith_url=monolith.url, token_url=f"{monolith.url}/token",
+        sync_client_secret=CLIENT_SECRET,
+    )

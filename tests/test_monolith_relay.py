@@ -218,3 +218,101 @@ async def test_run_stops_promptly(settings: Settings, engine: Engine) -> None:
 
     assert time.monotonic() - started < 1.0
     assert read_checkpoint(engine) == SEEDED_ROWS
+
+
+def versions_logged(engine: Engine) -> list[tuple[str, str, int]]:
+    return sorted(
+        (row["table_name"], row["row_id"], row["version"]) for row in change_log(engine)
+    )
+
+
+async def test_relay_prunes_superseded_rows(engine: Engine, client: aioredis.Redis) -> None:
+    for _update in range(3):
+        execute(engine, "UPDATE products SET price = price + 100 WHERE id = 'prod-mouse'")
+    execute(engine, "DELETE FROM users WHERE id = 'bob'")
+
+    await relay_once(engine, client, batch_size=500)
+
+    kept = versions_logged(engine)
+    assert ("products", "prod-mouse", 4) in kept
+    assert [row for row in kept if row[1] == "prod-mouse"] == [("products", "prod-mouse", 4)]
+    assert [row for row in kept if row[1] == "bob"] == [("users", "bob", 1)]
+    assert next(row for row in change_log(engine) if row["row_id"] == "bob")["op"] == "delete"
+    assert len(kept) == SEEDED_ROWS
+    assert await client.xlen(CDC_STREAM) == SEEDED_ROWS + 4
+
+
+async def test_relay_prunes_relayed_rows_only(engine: Engine, client: aioredis.Redis) -> None:
+    await relay_once(engine, client, batch_size=500)
+    for _update in range(3):
+        execute(engine, "UPDATE products SET price = price + 100 WHERE id = 'prod-mouse'")
+
+    await relay_once(engine, client, batch_size=2)
+
+    # The first two updates are relayed and superseded; the third is not relayed yet, so it stays.
+    mouse = [row for row in change_log(engine) if row["row_id"] == "prod-mouse"]
+    assert [(row["version"], row["seq"]) for row in mouse] == [(4, SEEDED_ROWS + 3)]
+    assert read_checkpoint(engine) == SEEDED_ROWS + 2
+
+    await relay_once(engine, client, batch_size=500)
+
+    events = await published(client)
+    assert [event.aggregate_version for event in events[-3:]] == [2, 3, 4]
+
+
+async def test_pruned_log_keeps_versions_rising(engine: Engine, client: aioredis.Redis) -> None:
+    execute(engine, "UPDATE products SET price = 1 WHERE id = 'prod-stand'")
+    execute(engine, "DELETE FROM products WHERE id = 'prod-stand'")
+    await relay_once(engine, client, batch_size=500)
+
+    # The triggers read the last logged version of an id, which pruning must keep.
+    execute(
+        engine,
+        "INSERT INTO products (id, name, price, updated_at) "
+        "VALUES ('prod-stand', 'Stand', 4000, '2030-01-01T00:00:00.000000Z')",
+    )
+    execute(
+        engine,
+        "INSERT OR REPLACE INTO products (id, name, price, version, updated_at) "
+        "VALUES ('prod-mouse', 'Mouse', 2000, 1, '2030-01-01T00:00:00.000000Z')",
+    )
+    await relay_once(engine, client, batch_size=500)
+
+    events = await published(client)
+    assert [(event.subject, event.aggregate_version) for event in events[-2:]] == [
+        ("product/prod-stand", 3),
+        ("product/prod-mouse", 2),
+    ]
+
+
+async def test_run_trims_acknowledged_entries(
+    data_dir: Path, engine: Engine, client: aioredis.Redis, redis_url: str
+) -> None:
+    settings = relay_settings(data_dir, redis_url).model_copy(
+        update={"relay_trim_interval_seconds": 0.05, "relay_stream_retention_seconds": 0}
+    )
+    await client.xgroup_create(CDC_STREAM, "cqrs-ingest", id="0", mkstream=True)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(cdc_relay.run(settings, stop))
+    await wait_for_length(client, SEEDED_ROWS)
+    await asyncio.sleep(0.2)
+    assert await client.xlen(CDC_STREAM) == SEEDED_ROWS  # no group has acknowledged anything
+
+    # The relay created the projector's group, which has not read anything yet.
+    groups = {info["name"] for info in await client.xinfo_groups(CDC_STREAM)}
+    assert groups == {"cqrs-ingest", "cqrs-projector"}
+    for group in groups:
+        entries = await client.xreadgroup(group, "test", {CDC_STREAM: ">"})
+        ids = [entry_id for entry_id, _fields in entries[0][1]]
+        await client.xack(CDC_STREAM, group, *ids[:4])
+
+    deadline = time.monotonic() + 5
+    while await client.xlen(CDC_STREAM) > SEEDED_ROWS - 4:
+        assert time.monotonic() < deadline, "the stream was not trimmed"
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(worker, timeout=5)
+
+    remaining = await client.xrange(CDC_STREAM)
+    assert len(remaining) == SEEDED_ROWS - 4
+    assert Event.from_fields(remaining[0][1]).id == "monolith-change-5"

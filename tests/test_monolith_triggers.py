@@ -315,3 +315,207 @@ def test_recursive_triggers_log_twice(engine: Engine) -> None:
     rows = log_after(engine, SEEDED_ROWS)
     assert [row["version"] for row in rows] == [2, 2]
     assert rows[0]["row_json"] == rows[1]["row_json"]
+
+
+def user(engine: Engine, user_id: str) -> dict[str, Any] | None:
+    with engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT * FROM users WHERE id = :id"), {"id": user_id}
+        ).mappings().first()
+        return None if row is None else dict(row)
+
+
+def test_replace_into_raises_version(engine: Engine) -> None:
+    execute(
+        engine,
+        "REPLACE INTO products (id, name, price, version, updated_at) "
+        "VALUES ('prod-cable', 'Long cable', 1500, 1, '2030-01-01T00:00:00.000000Z')",
+    )
+
+    after = product(engine, "prod-cable")
+    rows = log_after(engine, SEEDED_ROWS)
+    assert after["version"] == 2
+    assert [(row["op"], row["row_id"], row["version"]) for row in rows] == [
+        ("update", "prod-cable", 2)
+    ]
+    assert rows[0]["row_json"] == after
+
+
+def test_insert_or_replace_unique_conflict(engine: Engine) -> None:
+    # The new row takes bob's username, so SQLite deletes bob's row without a delete trigger.
+    bob = user(engine, "bob")
+    assert bob is not None
+
+    execute(
+        engine,
+        "INSERT OR REPLACE INTO users (id, username, display_name, version, updated_at) "
+        "VALUES ('robert', 'bob', 'Robert', 1, '2030-01-01T00:00:00.000000Z')",
+    )
+
+    assert user(engine, "bob") is None
+    rows = log_after(engine, SEEDED_ROWS)
+    assert sorted((row["op"], row["row_id"], row["version"]) for row in rows) == [
+        ("delete", "bob", 1),
+        ("insert", "robert", 1),
+    ]
+    deletion = next(row for row in rows if row["op"] == "delete")
+    assert deletion["row_json"] == bob
+    assert deletion["origin"] == "monolith"
+
+
+def test_update_or_replace_unique_conflict(engine: Engine) -> None:
+    alice = user(engine, "alice")
+    assert alice is not None
+
+    execute(engine, "UPDATE OR REPLACE users SET username = 'alice' WHERE id = 'bob'")
+
+    assert user(engine, "alice") is None
+    rows = log_after(engine, SEEDED_ROWS)
+    assert sorted((row["op"], row["row_id"], row["version"]) for row in rows) == [
+        ("delete", "alice", 1),
+        ("update", "bob", 2),
+    ]
+    assert next(row for row in rows if row["op"] == "delete")["row_json"] == alice
+
+
+def test_insert_or_ignore_unique_logs_nothing(engine: Engine) -> None:
+    execute(
+        engine,
+        "INSERT OR IGNORE INTO users (id, username, display_name, version, updated_at) "
+        "VALUES ('robert', 'bob', 'Robert', 1, '2030-01-01T00:00:00.000000Z')",
+    )
+
+    assert user(engine, "bob") is not None
+    assert user(engine, "robert") is None
+    assert log_after(engine, SEEDED_ROWS) == []
+
+
+def test_unique_conflict_after_username_change(engine: Engine) -> None:
+    # bob's last logged image still has username "bob", but bob's row now has "bobby".
+    execute(engine, "UPDATE users SET username = 'bobby' WHERE id = 'bob'")
+    execute(
+        engine,
+        "INSERT INTO users (id, username, display_name, updated_at) "
+        "VALUES ('carol', 'bob', 'Carol', '2030-01-01T00:00:00.000000Z')",
+    )
+
+    rows = log_after(engine, SEEDED_ROWS)
+    assert [(row["op"], row["row_id"]) for row in rows] == [
+        ("update", "bob"), ("insert", "carol"),
+    ]
+    assert user(engine, "bob") is not None
+
+
+def test_update_or_replace_key_collision(engine: Engine) -> None:
+    # Renaming onto an existing id deletes that row; the id must come back at a newer version.
+    execute(engine, "UPDATE products SET price = 3000 WHERE id = 'prod-mouse'")
+    execute(engine, "UPDATE products SET price = 3100 WHERE id = 'prod-mouse'")
+
+    execute(engine, "UPDATE OR REPLACE products SET id = 'prod-mouse' WHERE id = 'prod-cable'")
+
+    after = product(engine, "prod-mouse")
+    rows = log_after(engine, SEEDED_ROWS + 2)
+    assert after["name"] == "USB-C cable"
+    assert after["version"] == 4
+    assert [(row["op"], row["row_id"], row["version"]) for row in rows] == [
+        ("delete", "prod-cable", 1),
+        ("update", "prod-mouse", 4),
+    ]
+    assert rows[1]["row_json"] == after
+
+
+def test_rename_onto_deleted_id(engine: Engine) -> None:
+    execute(engine, "UPDATE products SET price = 1 WHERE id = 'prod-stand'")
+    execute(engine, "DELETE FROM products WHERE id = 'prod-stand'")
+
+    execute(engine, "UPDATE products SET id = 'prod-stand' WHERE id = 'prod-cable'")
+
+    rows = log_after(engine, SEEDED_ROWS + 2)
+    assert [(row["op"], row["row_id"], row["version"]) for row in rows] == [
+        ("delete", "prod-cable", 1),
+        ("update", "prod-stand", 3),
+    ]
+    assert product(engine, "prod-stand")["version"] == 3
+
+
+def test_update_from_captured(engine: Engine) -> None:
+    execute(
+        engine,
+        "CREATE TEMP TABLE new_prices (id TEXT PRIMARY KEY, price INTEGER)",
+        "INSERT INTO new_prices VALUES ('prod-mouse', 2700), ('prod-stand', 3700)",
+        "UPDATE products SET price = new_prices.price FROM new_prices "
+        "WHERE products.id = new_prices.id",
+    )
+
+    rows = log_after(engine, SEEDED_ROWS)
+    assert sorted((row["op"], row["row_id"], row["version"]) for row in rows) == [
+        ("update", "prod-mouse", 2),
+        ("update", "prod-stand", 2),
+    ]
+    assert {row["row_json"]["price"] for row in rows} == {2700, 3700}
+
+
+def test_insert_select_captured(engine: Engine) -> None:
+    execute(
+        engine,
+        "INSERT INTO products (id, name, price, updated_at) "
+        "SELECT id || '-refurbished', name || ' (refurbished)', price / 2, updated_at "
+        "FROM products WHERE price > 5000",
+    )
+
+    rows = log_after(engine, SEEDED_ROWS)
+    assert sorted((row["op"], row["row_id"], row["version"]) for row in rows) == [
+        ("insert", "prod-keyboard-refurbished", 1),
+        ("insert", "prod-monitor-refurbished", 1),
+    ]
+
+
+def test_delete_without_where_captured(engine: Engine) -> None:
+    # Without triggers SQLite would empty the table in one step, skipping per-row work.
+    execute(engine, "DELETE FROM products")
+
+    rows = log_after(engine, SEEDED_ROWS)
+    assert len(rows) == len(DEMO_PRODUCTS)
+    assert {row["op"] for row in rows} == {"delete"}
+    assert {row["row_id"] for row in rows} == {item["id"] for item in DEMO_PRODUCTS}
+
+
+def test_upsert_do_nothing_logs_nothing(engine: Engine) -> None:
+    execute(
+        engine,
+        "INSERT INTO products (id, name, price, updated_at) "
+        "VALUES ('prod-mouse', 'Other mouse', 1, '2030-01-01T00:00:00.000000Z') "
+        "ON CONFLICT (id) DO NOTHING",
+    )
+
+    assert log_after(engine, SEEDED_ROWS) == []
+    assert product(engine, "prod-mouse")["name"] == "Wireless mouse"
+
+
+def test_captured_tables_have_no_foreign_keys(engine: Engine) -> None:
+    # A foreign key action (ON DELETE CASCADE, SET NULL, ...) would change rows of these tables
+    # as a side effect of a statement on another table.
+    with engine.connect() as connection:
+        for table in ("users", "products", "orders"):
+            keys = connection.exec_driver_sql(f"PRAGMA foreign_key_list({table})").all()
+            assert keys == [], table
+
+
+def test_trigger_of_other_table_captured(engine: Engine) -> None:
+    # A cascade on other tables fires their triggers, and a write those triggers make to a
+    # captured table fires its change-capture triggers too.
+    execute(
+        engine,
+        "CREATE TABLE catalogues (id TEXT PRIMARY KEY)",
+        "INSERT INTO catalogues VALUES ('main')",
+        "CREATE TABLE catalogue_items (id TEXT PRIMARY KEY, "
+        "catalogue TEXT REFERENCES catalogues(id) ON DELETE CASCADE)",
+        "CREATE TRIGGER catalogue_items_gone AFTER DELETE ON catalogue_items "
+        "BEGIN DELETE FROM products WHERE id = OLD.id; END",
+        "INSERT INTO catalogue_items VALUES ('prod-mouse', 'main')",
+    )
+
+    execute(engine, "DELETE FROM catalogues WHERE id = 'main'")
+
+    rows = log_after(engine, SEEDED_ROWS)
+    assert [(row["op"], row["row_id"]) for row in rows] == [("delete", "prod-mouse")]

@@ -480,7 +480,7 @@ async def test_proxy_body_limit(
     assert [r.body for r in monolith.requests] == [b"z" * 1000]
 
 
-async def test_proxy_streams_chunked_body(
+async def test_proxy_forwards_chunked_body(
     router: httpx.AsyncClient, monolith: StandIn, auth_header: AuthHeader
 ) -> None:
     async def chunks() -> AsyncIterator[bytes]:

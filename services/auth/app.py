@@ -12,25 +12,30 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import SecretStr
 
 from services.shared.errors import ValidationFailed
 from services.shared.scopes import GRAY_ADMIN, REVERSE_SYNC_CLIENT, SYNC_WRITE, USER_SCOPES
+from services.shared.security import TokenVerifier
 from services.shared.settings import require_secret
+from services.shared.streams import connect
 from services.shared.web import install_common
 
-from .grants import TokenEndpoint
-from .keys import KeyRing, load_key_ring
+from .grants import FailureLimits, TokenEndpoint
+from .revoke import RevocationEndpoint
+from .rotation import KeyStore
 from .settings import Settings
 from .store import ADMIN_CLIENT, GRANT_TYPES, AuthStore, open_store
-from .tokens import TokenMinter
+from .throttle import LoginThrottle
+from .tokens import RingKeySource, TokenMinter
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "auth"
 JWKS_PATH = "/.well-known/jwks.json"
 TOKEN_PATH = "/token"  # noqa: S105 - a route, not a secret
+REVOKE_PATH = "/revoke"
 JWKS_MAX_AGE_SECONDS = 60
 
 
@@ -41,8 +46,11 @@ def create_app(settings: Settings) -> FastAPI:
     `ValueError` naming the setting when a configured client secret is rejected.
     """
     _warn_on_verifier_mismatch(settings)
-    keys = load_key_ring(
-        settings.resolved_signing_key_file, create_if_missing=settings.development
+    keys = KeyStore(
+        settings.resolved_signing_key_file,
+        create_if_missing=settings.development,
+        retention_seconds=settings.key_retention_seconds,
+        reload_seconds=settings.keys_reload_seconds,
     )
     store = open_store(settings)
     try:
@@ -56,16 +64,34 @@ def create_app(settings: Settings) -> FastAPI:
         audience=settings.audience,
         ttl_seconds=settings.token_ttl_seconds,
     )
-    token_endpoint = TokenEndpoint(store, minter)
+    # Login throttling and revocations share one Redis client; it connects on first use, so the
+    # auth server starts and issues tokens while Redis is down.
+    redis_client = connect(settings.redis_url)
+    throttle = LoginThrottle(redis_client, window_seconds=settings.login_failure_window_seconds)
+    limits = FailureLimits(
+        per_account=settings.login_max_failures_per_account,
+        per_address=settings.login_max_failures_per_address,
+    )
+    token_endpoint = TokenEndpoint(store, minter, throttle, limits)
+    own_tokens = TokenVerifier(
+        RingKeySource(keys),
+        issuer=settings.issuer,
+        audience=settings.audience,
+        leeway_seconds=settings.token_leeway_seconds,
+    )
+    revocation_endpoint = RevocationEndpoint(
+        token_endpoint, own_tokens, redis_client, retention_seconds=settings.key_retention_seconds
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        keys.start()
         log.info(
             "auth service started",
             extra={
                 "issuer": settings.issuer,
                 "audience": settings.audience,
-                "kid": keys.active.kid,
+                "kid": keys.current.active.kid,
                 "database_path": str(settings.resolved_database_path),
                 "env": settings.env.value,
             },
@@ -73,6 +99,8 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await keys.stop()
+            await redis_client.aclose()
             store.engine.dispose()
             log.info("auth service stopped", extra={"issuer": settings.issuer})
 
@@ -98,11 +126,16 @@ def create_app(settings: Settings) -> FastAPI:
         """Issue an access token (RFC 6749 password and client_credentials grants)."""
         return await token_endpoint.handle(request)
 
+    @app.post(REVOKE_PATH)
+    async def revoke(request: Request) -> Response:
+        """Revoke an access token until it expires (RFC 7009)."""
+        return await revocation_endpoint.handle(request)
+
     @app.get(JWKS_PATH)
     async def jwks() -> JSONResponse:
         """Return the public keys that verify this server's tokens."""
         return JSONResponse(
-            keys.jwks(),
+            keys.current.jwks(),
             headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE_SECONDS}"},
         )
 
@@ -167,6 +200,12 @@ def server_metadata(settings: Settings) -> dict[str, Any]:
     return {
         "issuer": settings.issuer,
         "token_endpoint": base + TOKEN_PATH,
+        "revocation_endpoint": base + REVOKE_PATH,
+        "revocation_endpoint_auth_methods_supported": [
+            "client_secret_basic",
+            "client_secret_post",
+            "none",
+        ],
         "jwks_uri": base + JWKS_PATH,
         "grant_types_supported": list(GRANT_TYPES),
         # "none" is the public web client of the password grant.
@@ -184,9 +223,11 @@ def server_metadata(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _check_signing_key(keys: KeyRing) -> None:
-    if all(key.kid != keys.active.kid for key in keys.published):
-        raise RuntimeError(f"The active signing key {keys.active.kid} is not in the JWKS.")
+def _check_signing_key(keys: KeyStore) -> None:
+    ring = keys.current
+    active = ring.active
+    if all(key.kid != active.kid for key in ring.published):
+        raise RuntimeError(f"The active signing key {active.kid} is not in the JWKS.")
 
 
 def _warn_on_verifier_mismatch(settings: Settings) -> None:

@@ -29,6 +29,7 @@ from .store import (
     User,
     format_scopes,
 )
+from .throttle import LoginThrottle, account_key, address_key
 from .tokens import IssuedToken, TokenMinter
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,26 @@ MAX_CONCURRENT_HASHES = 4
 class OAuthError(Exception):
     """An RFC 6749 error response."""
 
-    def __init__(self, error: str, description: str, *, status_code: int = 400) -> None:
+    def __init__(
+        self,
+        error: str,
+        description: str,
+        *,
+        status_code: int = 400,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(description)
         self.error = error
         self.description = description
         self.status_code = status_code
+        self.retry_after = retry_after
 
     def to_response(self) -> JSONResponse:
         headers = dict(NO_STORE_HEADERS)
         if self.status_code == 401:
             headers["WWW-Authenticate"] = BASIC_CHALLENGE
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
         return JSONResponse(
             {"error": self.error, "error_description": self.description},
             status_code=self.status_code,
@@ -85,17 +96,33 @@ class ClientCredentials:
     secret: str | None
 
 
+@dataclass(frozen=True)
+class FailureLimits:
+    """Failed sign-ins allowed per account (username or client id) and per client address."""
+
+    per_account: int
+    per_address: int
+
+
 class TokenEndpoint:
     """Handle `POST /token`."""
 
-    def __init__(self, store: AuthStore, minter: TokenMinter) -> None:
+    def __init__(
+        self,
+        store: AuthStore,
+        minter: TokenMinter,
+        throttle: LoginThrottle,
+        limits: FailureLimits,
+    ) -> None:
         self.store = store
         self.minter = minter
+        self.throttle = throttle
+        self.limits = limits
         self.hash_limiter = CapacityLimiter(MAX_CONCURRENT_HASHES)
 
     async def handle(self, request: Request) -> JSONResponse:
         try:
-            params = await _read_form(request)
+            params = await read_form(request)
             grant_type = _required(params, "grant_type")
             if grant_type == PASSWORD_GRANT:
                 issued = await self._password_grant(request, params)
@@ -122,7 +149,7 @@ class TokenEndpoint:
     async def _password_grant(self, request: Request, params: dict[str, str]) -> IssuedToken:
         username = _required(params, "username")
         password = _required(params, "password")
-        credentials = _client_credentials(request, params)
+        credentials = client_credentials(request, params)
         client_id = credentials.client_id or WEB_CLIENT
         client = await self._client_for_password_grant(request, client_id, credentials.secret)
         requested = _requested_scopes(params)
@@ -130,15 +157,17 @@ class TokenEndpoint:
         # know the password learns nothing about the user's scopes.
         _require_subset(requested, client.scopes, f"client {client_id!r}")
 
+        keys = await self._check_throttle(request, account_key("user", username))
         try:
             user = await self._run_hashing(self.store.authenticate_user, username, password)
         except CredentialsRejected as rejected:
+            await self.throttle.record_failure(keys)
             log.warning(
                 "login failed",
                 extra={
                     "username": username,
                     "client_id": client_id,
-                    "client_address": _client_address(request),
+                    "client_address": client_address(request),
                     "reason": rejected.reason,
                 },
             )
@@ -157,7 +186,7 @@ class TokenEndpoint:
         self, request: Request, client_id: str, secret: str | None
     ) -> Client:
         if secret is not None:
-            client = await self._authenticate_client(request, client_id, secret)
+            client = await self.authenticate_client(request, client_id, secret)
         else:
             found = await anyio.to_thread.run_sync(self.store.get_client, client_id)
             if found is None:
@@ -176,7 +205,7 @@ class TokenEndpoint:
     async def _client_credentials_grant(
         self, request: Request, params: dict[str, str]
     ) -> IssuedToken:
-        credentials = _client_credentials(request, params)
+        credentials = client_credentials(request, params)
         if credentials.client_id is None:
             raise invalid_client(
                 "The request has no client authentication; send client_id and client_secret as "
@@ -187,7 +216,7 @@ class TokenEndpoint:
                 f"The request has no client_secret for client {credentials.client_id!r}; the "
                 "client_credentials grant requires one."
             )
-        client = await self._authenticate_client(
+        client = await self.authenticate_client(
             request, credentials.client_id, credentials.secret
         )
         _require_grant(client, CLIENT_CREDENTIALS_GRANT)
@@ -198,10 +227,38 @@ class TokenEndpoint:
             raise invalid_scope(f"Client {client.client_id!r} has no registered scopes.")
         return self._issue(CLIENT_CREDENTIALS_GRANT, client, granted, None)
 
-    async def _authenticate_client(self, request: Request, client_id: str, secret: str) -> Client:
+    async def _check_throttle(self, request: Request, account: str) -> list[str]:
+        """Return the throttle keys of this attempt; raise 429 when one is over its limit.
+
+        The check runs before the password is hashed and does not depend on whether the account
+        exists, so a throttled answer reveals nothing and costs no Argon2 time.
+        """
+        address = client_address(request)
+        limits = {account: self.limits.per_account}
+        if address is not None:
+            limits[address_key(address)] = self.limits.per_address
+        wait = await self.throttle.retry_after(limits)
+        if wait is not None:
+            log.warning(
+                "sign-in throttled",
+                extra={"client_address": address, "retry_after_s": wait},
+            )
+            raise OAuthError(
+                "slow_down",
+                f"Too many failed sign-ins for this account or from this address; retry in "
+                f"{wait} s.",
+                status_code=429,
+                retry_after=wait,
+            )
+        return list(limits)
+
+    async def authenticate_client(self, request: Request, client_id: str, secret: str) -> Client:
+        """Return the confidential client, or raise 401 `invalid_client` (429 when throttled)."""
+        keys = await self._check_throttle(request, account_key("client", client_id))
         try:
             return await self._run_hashing(self.store.authenticate_client, client_id, secret)
         except CredentialsRejected as rejected:
+            await self.throttle.record_failure(keys)
             self._log_client_failure(request, client_id, rejected.reason)
             # One message for an unknown client and a wrong secret, so ids cannot be probed.
             raise invalid_client(
@@ -237,7 +294,7 @@ class TokenEndpoint:
             "client authentication failed",
             extra={
                 "client_id": client_id,
-                "client_address": _client_address(request),
+                "client_address": client_address(request),
                 "reason": reason,
             },
         )
@@ -250,7 +307,7 @@ def _login_failure_message(reason: str) -> str:
     return WRONG_CREDENTIALS
 
 
-async def _read_form(request: Request) -> dict[str, str]:
+async def read_form(request: Request) -> dict[str, str]:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != FORM_MEDIA_TYPE:
         raise invalid_request(
@@ -315,7 +372,7 @@ def _require_grant(client: Client, grant_type: str) -> None:
         )
 
 
-def _client_credentials(request: Request, params: dict[str, str]) -> ClientCredentials:
+def client_credentials(request: Request, params: dict[str, str]) -> ClientCredentials:
     """Return the client id and secret from HTTP Basic or the form (RFC 6749 section 2.3.1)."""
     form_id = params.get("client_id")
     form_secret = params.get("client_secret")
@@ -356,5 +413,5 @@ def _basic_credentials(authorization: str | None) -> ClientCredentials | None:
     return ClientCredentials(unquote_plus(client_id), unquote_plus(secret) or None)
 
 
-def _client_address(request: Request) -> str | None:
+def client_address(request: Request) -> str | None:
     return request.client.host if request.client is not None else None

@@ -1,18 +1,23 @@
-"""The auth server's RSA signing key and the public keys it publishes in its JWKS.
+"""The auth server's RSA signing keys and the public keys it publishes in its JWKS.
 
-The active private key lives in one PEM file (`AUTH_SIGNING_KEY_FILE`). Every `*.pub.pem` file in
-the same folder is published as well, so that after a rotation the previous key keeps verifying the
-tokens it signed until they expire. Key ids are RFC 7638 JWK thumbprints, so the same key always
-gets the same `kid` on every replica.
+The first private key lives in one PEM file (`AUTH_SIGNING_KEY_FILE`). `ztcqrs keys rotate` adds
+keys beside it, each with the time it starts signing, in the schedule file `rotation.json` (see
+`rotation`). At any moment the key that signs is the one that activated last. The JWKS lists it,
+every key whose time has not come yet, so verifiers can learn a key before any token carries it,
+and every superseded key until `retention_seconds` after it stopped signing, which covers the
+lifetime of the last token it signed. Every `*.pub.pem` file in the folder is published as well.
+Key ids are RFC 7638 JWK thumbprints, so the same key gets the same `kid` on every replica.
 """
 
 import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,10 @@ SIGNING_KEY_SETTING = "AUTH_SIGNING_KEY_FILE"
 KEY_SIZE_BITS = 2048
 MIN_KEY_SIZE_BITS = 2048
 PUBLIC_KEY_PATTERN = "*.pub.pem"
+SCHEDULE_FILE = "rotation.json"
+# How long a superseded key stays published when the caller gives no retention: the default token
+# lifetime (300 s) plus the default verifier leeway (5 s) and time for replicas to reload.
+DEFAULT_RETENTION_SECONDS = 300 + 5 + 10
 
 
 class SigningKeyError(RuntimeError):
@@ -85,22 +94,79 @@ class ActiveKey:
 
 
 @dataclass(frozen=True)
-class KeyRing:
-    """The active signing key and every published public key, the active one first."""
+class SigningKey:
+    """A private key with the time it starts signing; the first key has `-inf`."""
 
     active: ActiveKey
-    published: tuple[PublishedKey, ...]
-
-    def jwks(self) -> dict[str, list[dict[str, str]]]:
-        return {"keys": [dict(key.jwk) for key in self.published]}
+    published: PublishedKey
+    activates_at: float
 
 
-def load_key_ring(key_file: Path, *, create_if_missing: bool) -> KeyRing:
-    """Load the signing key at `key_file` and the `*.pub.pem` keys beside it.
+@dataclass(frozen=True)
+class KeyRing:
+    """Every signing key by activation time, and the extra public keys from `*.pub.pem` files.
+
+    Which key signs and which keys are published depend on the time, so one ring read from disk
+    stays correct as scheduled activations pass.
+    """
+
+    signing_keys: tuple[SigningKey, ...]  # sorted by `activates_at`, the first at -inf
+    extra_published: tuple[PublishedKey, ...]
+    retention_seconds: float
+
+    def active_at(self, now: float) -> ActiveKey:
+        """Return the key that signs at `now`: the one whose activation time passed last."""
+        current = self.signing_keys[0]
+        for key in self.signing_keys[1:]:
+            if key.activates_at <= now:
+                current = key
+        return current.active
+
+    def published_at(self, now: float) -> tuple[PublishedKey, ...]:
+        """Return the keys that the JWKS lists at `now`, the active key first."""
+        active = self.active_at(now)
+        keys: list[PublishedKey] = [
+            key.published for key in self.signing_keys if key.active.kid == active.kid
+        ][:1]
+        for index, key in enumerate(self.signing_keys):
+            superseded_at = (
+                self.signing_keys[index + 1].activates_at
+                if index + 1 < len(self.signing_keys)
+                else math.inf
+            )
+            if key.activates_at > now or now < superseded_at + self.retention_seconds:
+                keys.append(key.published)
+        keys.extend(self.extra_published)
+        unique: dict[str, PublishedKey] = {}
+        for published in keys:
+            unique.setdefault(published.kid, published)
+        return tuple(unique.values())
+
+    @property
+    def active(self) -> ActiveKey:
+        return self.active_at(time.time())
+
+    @property
+    def published(self) -> tuple[PublishedKey, ...]:
+        return self.published_at(time.time())
+
+    def jwks(self, now: float | None = None) -> dict[str, list[dict[str, str]]]:
+        moment = time.time() if now is None else now
+        return {"keys": [dict(key.jwk) for key in self.published_at(moment)]}
+
+
+def load_key_ring(
+    key_file: Path,
+    *,
+    create_if_missing: bool,
+    retention_seconds: float = DEFAULT_RETENTION_SECONDS,
+) -> KeyRing:
+    """Load the signing key at `key_file`, the scheduled keys and the `*.pub.pem` keys beside it.
 
     With `create_if_missing` (development mode) a missing key file is generated: a 2048-bit RSA
     key, written atomically with mode 0600 into a folder created with mode 0700. Without it a
     missing file raises `SigningKeyError` naming the path and the `AUTH_SIGNING_KEY_FILE` setting.
+    An unreadable key or schedule file raises `SigningKeyError` naming the file.
     """
     if not key_file.exists():
         if not create_if_missing:
@@ -111,27 +177,117 @@ def load_key_ring(key_file: Path, *, create_if_missing: bool) -> KeyRing:
             )
         _generate_key_file(key_file)
 
-    private_key = _load_private_key(key_file)
-    active = PublishedKey.of(private_key.public_key(), key_file)
-    published = [active]
-    for path in sorted(key_file.parent.glob(PUBLIC_KEY_PATTERN)):
-        previous = PublishedKey.of(_load_public_key(path), path)
-        if all(previous.kid != key.kid for key in published):
-            published.append(previous)
+    signing_keys = [signing_key_of(key_file, -math.inf)]
+    for entry in read_schedule(key_file.parent):
+        key = signing_key_of(key_file.parent / entry.file, entry.activates_at)
+        if key.active.kid != entry.kid:
+            raise SigningKeyError(
+                f"Key file {key.active.source} has key id {key.active.kid}, but {SCHEDULE_FILE} "
+                f"lists {entry.kid} for it; restore the file or remove its entry."
+            )
+        signing_keys.append(key)
+    signing_keys.sort(key=lambda key: key.activates_at)
 
-    ring = KeyRing(
-        active=ActiveKey(kid=active.kid, private_key=private_key, source=key_file),
-        published=tuple(published),
-    )
+    extra = [
+        PublishedKey.of(_load_public_key(path), path)
+        for path in sorted(key_file.parent.glob(PUBLIC_KEY_PATTERN))
+    ]
+    ring = KeyRing(tuple(signing_keys), tuple(extra), retention_seconds)
     log.info(
         "signing keys loaded",
         extra={
             "key_file": str(key_file),
             "kid": ring.active.kid,
             "published_kids": [key.kid for key in ring.published],
+            "scheduled": [
+                {"kid": key.active.kid, "activates_at": key.activates_at}
+                for key in signing_keys[1:]
+            ],
         },
     )
     return ring
+
+
+def signing_key_of(path: Path, activates_at: float) -> SigningKey:
+    private_key = _load_private_key(path)
+    published = PublishedKey.of(private_key.public_key(), path)
+    active = ActiveKey(kid=published.kid, private_key=private_key, source=path)
+    return SigningKey(active, published, activates_at)
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    kid: str
+    file: str  # a file name in the key folder
+    activates_at: float  # Unix time
+
+
+def read_schedule(folder: Path) -> list[ScheduleEntry]:
+    """Return the entries of `rotation.json` in `folder`, or none when the file does not exist."""
+    path = folder / SCHEDULE_FILE
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        raise SigningKeyError(
+            f"Key schedule {path} cannot be read ({error}); restore it from a backup or fix "
+            "its JSON."
+        ) from error
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or document.get("version") != 1:
+        raise SigningKeyError(f"Key schedule {path} is not version 1 with a `keys` list.")
+    result: list[ScheduleEntry] = []
+    for entry in entries:
+        try:
+            kid, file, activates_at = entry["kid"], entry["file"], float(entry["activates_at"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise SigningKeyError(
+                f"Key schedule {path} has an entry without kid, file or activates_at: {entry!r}."
+            ) from error
+        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".pem"):
+            raise SigningKeyError(
+                f"Key schedule {path} names the key file {file!r}; it must be a .pem file name "
+                "in the same folder."
+            )
+        result.append(ScheduleEntry(str(kid), file, activates_at))
+    return result
+
+
+def write_schedule(folder: Path, entries: list[ScheduleEntry]) -> None:
+    """Replace `rotation.json` atomically, so a reader sees the old or the new schedule."""
+    document = {
+        "version": 1,
+        "keys": [
+            {"kid": entry.kid, "file": entry.file, "activates_at": entry.activates_at}
+            for entry in entries
+        ],
+    }
+    write_atomically(folder / SCHEDULE_FILE, (json.dumps(document, indent=2) + "\n").encode())
+
+
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Write `data` to a temporary file in the folder and rename it over `path`."""
+    descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    temporary = Path(temporary_name)
+    try:
+        os.fchmod(descriptor, mode)
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_folder(path.parent)
+
+
+def private_key_pem(private_key: rsa.RSAPrivateKey) -> bytes:
+    return private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def _generate_key_file(key_file: Path) -> None:
@@ -142,11 +298,7 @@ def _generate_key_file(key_file: Path) -> None:
         folder.chmod(0o700)
 
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_SIZE_BITS)
-    pem = private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    pem = private_key_pem(private_key)
     # Linking the finished file into place fails if the key file appeared meanwhile, so a second
     # process starting at the same moment keeps the first key instead of replacing a key that is
     # already signing tokens.

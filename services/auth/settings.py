@@ -42,6 +42,14 @@ class Settings(ServiceSettings):
     signing_key_file: Path | None = None
     reverse_sync_client_secret: SecretStr | None = None
     admin_client_secret: SecretStr | None = None
+    # How often the key folder is checked for keys added by `ztcqrs keys rotate`, in seconds.
+    keys_reload_seconds: float = Field(1.0, gt=0, le=60)
+    # Failed sign-ins allowed per username (or client id) and per client address within
+    # `login_failure_window_seconds`; further attempts get 429 until the window ends. Unknown
+    # usernames count like known ones, so the limit reveals nothing about which exist.
+    login_max_failures_per_account: int = Field(5, ge=1)
+    login_max_failures_per_address: int = Field(20, ge=1)
+    login_failure_window_seconds: float = Field(300.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _default_development_secrets(self) -> Self:
@@ -51,6 +59,11 @@ class Settings(ServiceSettings):
             if self.admin_client_secret is None:
                 self.admin_client_secret = SecretStr(DEV_ADMIN_CLIENT_SECRET)
         return self
+
+    @property
+    def key_retention_seconds(self) -> float:
+        """How long a superseded key, or a revocation, outlives the last token it concerns."""
+        return self.token_ttl_seconds + self.token_leeway_seconds + 2 * self.keys_reload_seconds
 
     @property
     def resolved_database_path(self) -> Path:

@@ -1,4 +1,5 @@
-"""Minting of RFC 9068 access tokens (JWT, RS256) with the active signing key."""
+"""Minting of RFC 9068 access tokens (JWT, RS256) with the active signing key, and the key
+source through which the auth server verifies its own tokens."""
 
 import time
 import uuid
@@ -7,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from jwt.algorithms import RSAAlgorithm
 
-from .keys import KeyRing
+from .rotation import KeyStore
 from .store import User, format_scopes
 
 ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - the RFC 9068 section 2.1 `typ` value
@@ -27,7 +29,7 @@ class TokenMinter:
 
     def __init__(
         self,
-        keys: KeyRing,
+        keys: KeyStore,
         *,
         issuer: str,
         audience: str,
@@ -65,10 +67,25 @@ class TokenMinter:
         if user is not None:
             claims["username"] = user.username
             claims["beta_tester"] = user.beta_tester
+        # The key in force at `now`: a key scheduled by a rotation signs from its activation on.
+        signing_key = self.keys.current.active_at(now)
         token = jwt.encode(
             claims,
-            self.keys.active.private_key,
+            signing_key.private_key,
             algorithm="RS256",
-            headers={"typ": ACCESS_TOKEN_TYPE, "kid": self.keys.active.kid},
+            headers={"typ": ACCESS_TOKEN_TYPE, "kid": signing_key.kid},
         )
         return IssuedToken(access_token=token, jti=jti, scope=scope, expires_in=self.ttl_seconds)
+
+
+class RingKeySource:
+    """Key source over the auth server's own published keys, for verifying tokens it issued."""
+
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+
+    async def get_key(self, kid: str) -> Any | None:
+        for key in self.keys.current.published:
+            if key.kid == kid:
+                return RSAAlgorithm.from_jwk(key.jwk)
+        return None

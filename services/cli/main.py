@@ -86,7 +86,11 @@ def _worker(args: argparse.Namespace) -> int:
 
 # Modules that add operator subcommands. Each defines `register(commands)`, which adds its parsers
 # with `set_defaults(handler=...)`; a handler takes the parsed arguments and returns an exit code.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "services.cli.dlq",
+    "services.cli.projections",
+    "services.cli.keys",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,6 +71,9 @@ def serve(name: str) -> None:
         timeout_graceful_shutdown=10,
         # Client addresses come from the socket only: X-Forwarded-For is never trusted.
         proxy_headers=False,
+        # Named so a missing package fails loudly instead of falling back to h11, whose handling of
+        # ambiguous request framing differs (the router rejects it under both).
+        http="httptools",
         server_header=False,
     )
     log.info("service stopped")

@@ -257,6 +257,8 @@ def create_app(settings: Settings, *, key_source: KeySource | None = None) -> Fa
 
     app = FastAPI(title="ztcqrs CQRS service", lifespan=lifespan)
     app.state.resources = resources
+    # The revocation list that install_common adds reads its Redis URL from these settings.
+    app.state.settings = settings
     app.state.verifier = TokenVerifier(
         key_source,
         issuer=settings.token_issuer,

@@ -2,13 +2,15 @@
 
 An order or product is a hash with `json` (the public state), `version` and `hash` (its
 `content_hash`). `rm:user-orders:<user>` scores order ids by creation time in epoch seconds, and
-`rm:products` is the set of product ids.
+`rm:products` is the set of product ids. `services.cqrs.rebuild` refills these keys from the write
+model under a staging prefix and switches them over in one step.
 """
 
 import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
@@ -17,7 +19,16 @@ from redis.exceptions import WatchError
 from services.shared.clock import parse_timestamp
 from services.shared.consistency import Decision, content_hash, decide
 from services.shared.events import Event
-from services.shared.names import order_key, product_key, products_index_key, user_orders_key
+from services.shared.names import (
+    APPLY_COUNTS_TTL_SECONDS,
+    READ_MODEL_PREFIX,
+    READ_MODEL_REBUILD_KEY,
+    apply_counts_key,
+    order_key,
+    product_key,
+    products_index_key,
+    user_orders_key,
+)
 
 from .states import ORDER, PRODUCT, InvalidState, event_state
 
@@ -30,8 +41,10 @@ MAX_WATCH_ATTEMPTS = 50
 VERSION_POLL_SECONDS = 0.02
 
 
-def state_key(aggregate: str, aggregate_id: str) -> str:
-    return order_key(aggregate_id) if aggregate == ORDER else product_key(aggregate_id)
+def state_key(aggregate: str, aggregate_id: str, prefix: str = READ_MODEL_PREFIX) -> str:
+    if aggregate == ORDER:
+        return order_key(aggregate_id, prefix)
+    return product_key(aggregate_id, prefix)
 
 
 async def read_state(client: "redis.Redis", key: str) -> dict[str, Any] | None:
@@ -70,27 +83,42 @@ async def wait_for_order_version(
         await asyncio.sleep(min(VERSION_POLL_SECONDS, remaining))
 
 
-async def _read_many(client: "redis.Redis", keys: list[str]) -> list[dict[str, Any]]:
-    if not keys:
-        return []
-    async with client.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.hget(key, "json")
-        texts = await pipe.execute()
-    # An id can outlive its hash for a moment while a deletion is projected; skip those.
-    return [json.loads(text) for text in texts if text is not None]
+# Reads an index (KEYS[1]: a sorted set newest last, or a set) and the `json` field of each member's
+# hash (ARGV[1]: the hash key prefix) in one script. Redis runs a script without interleaving
+# other commands, so a listing never mixes the read model before and after a rebuild's switch.
+_LIST_LUA = """
+local ids
+if redis.call('TYPE', KEYS[1])['ok'] == 'zset' then
+    ids = redis.call('ZREVRANGE', KEYS[1], 0, -1)
+else
+    ids = redis.call('SMEMBERS', KEYS[1])
+end
+local states = {}
+for _, id in ipairs(ids) do
+    local state = redis.call('HGET', ARGV[1] .. id, 'json')
+    if state then
+        table.insert(states, state)
+    end
+end
+return states
+"""
+
+
+async def _list_states(client: "redis.Redis", index_key: str, key_prefix: str) -> list[Any]:
+    # An id can outlive its hash for a moment while a deletion is projected; the script skips it.
+    texts = await client.eval(_LIST_LUA, 1, index_key, key_prefix)
+    return [json.loads(text) for text in texts]
 
 
 async def list_user_orders(client: "redis.Redis", user_id: str) -> list[dict[str, Any]]:
     """Return a user's orders, newest first."""
-    order_ids = await client.zrevrange(user_orders_key(user_id), 0, -1)
-    return await _read_many(client, [order_key(str(order_id)) for order_id in order_ids])
+    return await _list_states(client, user_orders_key(user_id), order_key(""))
 
 
 async def list_products(client: "redis.Redis") -> list[dict[str, Any]]:
     """Return every product, ordered by id."""
-    product_ids = sorted(str(member) for member in await client.smembers(products_index_key()))
-    return await _read_many(client, [product_key(product_id) for product_id in product_ids])
+    products = await _list_states(client, products_index_key(), product_key(""))
+    return sorted(products, key=lambda product: str(product["id"]))
 
 
 async def project_event(client: "redis.Redis", event: Event, *, authority: str) -> Decision | None:
@@ -99,90 +127,175 @@ async def project_event(client: "redis.Redis", event: Event, *, authority: str) 
     The stored version is read under WATCH and the write runs in MULTI, so projectors running in
     parallel cannot replace a newer version with an older one. A deletion removes the keys when
     its version is at least the stored one, with the same results as the write model's apply.
+    Each applied state adds one to its version's counter in `apply_counts_key`. While a rebuild
+    runs (`READ_MODEL_REBUILD_KEY` exists), the event is also applied under the rebuild's staging
+    prefix in the same MULTI. The rebuild key is watched too, so a transaction that raced with the
+    start or the switch of a rebuild runs again.
 
-    Raises InvalidState when the event's data is not a valid state of its aggregate.
+    Returns the decision for the live read model. Raises InvalidState when the event's data is
+    not a valid state of its aggregate.
     """
     if event.aggregate not in PROJECTED_AGGREGATES:
         return None
     state = event_state(event)
-    key = state_key(event.aggregate, event.aggregate_id)
-    score = _creation_score(state) if event.aggregate == ORDER else 0.0
+    change = _Change(
+        aggregate=event.aggregate, state=state, deleted=event.deleted, origin=event.origin,
+        score=_creation_score(state) if event.aggregate == ORDER else 0.0,
+    )
     for _attempt in range(MAX_WATCH_ATTEMPTS):
         try:
-            return await _project_once(client, event, state, key, score, authority)
+            decision = await _project_once(client, change, authority)
         except WatchError:
             log.debug(
                 "read model key changed during projection; retrying",
-                extra={"key": key, "event_id": event.id},
+                extra={"subject": event.subject, "event_id": event.id},
             )
+            continue
+        _log_conflict(event, decision)
+        return decision
     raise RuntimeError(
-        f"Projecting event {event.id} onto {key} lost the WATCH race {MAX_WATCH_ATTEMPTS} times; "
-        "the consumer retries it."
+        f"Projecting event {event.id} onto {event.subject} lost the WATCH race "
+        f"{MAX_WATCH_ATTEMPTS} times; the consumer retries it."
     )
 
 
-async def _project_once(
-    client: "redis.Redis",
-    event: Event,
-    state: dict[str, Any],
-    key: str,
-    score: float,
+async def stage_state(
+    client: "redis.Redis", prefix: str, aggregate: str, state: dict[str, Any], *, origin: str,
     authority: str,
 ) -> Decision:
+    """Write a state under the staging `prefix` of a rebuild, gated by version like the projector.
+
+    A newer state that the projector staged meanwhile is kept, and so is a deletion it staged.
+    """
+    change = _Change(
+        aggregate=aggregate, state=state, deleted=False, origin=origin,
+        score=_creation_score(state) if aggregate == ORDER else 0.0,
+    )
+    key = state_key(aggregate, state["id"], prefix)
+    for _attempt in range(MAX_WATCH_ATTEMPTS):
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                decision = _decide(await _read_stored(pipe, key), change, authority, staging=True)
+                if not decision.applies:
+                    await pipe.unwatch()  # type: ignore[no-untyped-call]
+                    return decision
+                pipe.multi()  # type: ignore[no-untyped-call]
+                _queue_change(pipe, change, prefix, staging=True)
+                await pipe.execute()
+            return decision
+        except WatchError:
+            continue
+    raise RuntimeError(
+        f"Staging {aggregate} {state['id']!r} under {prefix} lost the WATCH race "
+        f"{MAX_WATCH_ATTEMPTS} times; run the rebuild again."
+    )
+
+
+@dataclass(frozen=True)
+class _Change:
+    aggregate: str
+    state: dict[str, Any]
+    deleted: bool
+    origin: str
+    score: float  # an order's creation time in epoch seconds; 0 for products
+
+
+@dataclass(frozen=True)
+class _Stored:
+    version: int | None
+    hash: str | None
+    # A staging tombstone: the entity was deleted at `version` while a rebuild ran, so the
+    # snapshot must not bring back an older state of it.
+    tombstone: bool
+
+
+async def _read_stored(pipe: Any, key: str) -> _Stored:
+    version, digest, deleted = await pipe.hmget(key, ["version", "hash", "deleted"])
+    return _Stored(
+        version=None if version is None else int(version),
+        hash=None if digest is None else str(digest),
+        tombstone=deleted is not None,
+    )
+
+
+def _decide(stored: _Stored, change: _Change, authority: str, *, staging: bool = False) -> Decision:
+    incoming_version = int(change.state["version"])
+    if stored.tombstone:
+        assert stored.version is not None
+        return Decision.APPLY if incoming_version > stored.version else Decision.STALE
+    if change.deleted:
+        if stored.version is None:
+            # Staging records the deletion even of an entity it has not copied yet, because the
+            # snapshot may still copy it from a write model that has not applied the deletion.
+            return Decision.APPLY if staging else Decision.DUPLICATE
+        return Decision.STALE if incoming_version < stored.version else Decision.APPLY
+    return decide(
+        local_version=stored.version,
+        local_hash=stored.hash,
+        incoming_version=incoming_version,
+        incoming_hash=content_hash(change.state),
+        incoming_origin=change.origin,
+        authority=authority,
+    )
+
+
+async def _project_once(client: "redis.Redis", change: _Change, authority: str) -> Decision:
+    live_key = state_key(change.aggregate, change.state["id"])
     async with client.pipeline(transaction=True) as pipe:
-        await pipe.watch(key)
-        stored_version, stored_hash = await pipe.hmget(key, ["version", "hash"])
-        local_version = None if stored_version is None else int(stored_version)
-        if event.deleted:
-            decision = _deletion_decision(local_version, state["version"])
-        else:
-            decision = decide(
-                local_version=local_version,
-                local_hash=None if stored_hash is None else str(stored_hash),
-                incoming_version=state["version"],
-                incoming_hash=content_hash(state),
-                incoming_origin=event.origin,
-                authority=authority,
+        await pipe.watch(live_key, READ_MODEL_REBUILD_KEY)
+        staging = await pipe.get(READ_MODEL_REBUILD_KEY)
+        decision = _decide(await _read_stored(pipe, live_key), change, authority)
+        staging_decision = Decision.STALE
+        if staging is not None:
+            staging_key = state_key(change.aggregate, change.state["id"], str(staging))
+            await pipe.watch(staging_key)
+            staging_decision = _decide(
+                await _read_stored(pipe, staging_key), change, authority, staging=True
             )
-        if not decision.applies:
+        if not decision.applies and not staging_decision.applies:
             await pipe.unwatch()  # type: ignore[no-untyped-call]
-            _log_conflict(event, decision)
             return decision
         pipe.multi()  # type: ignore[no-untyped-call]
-        if event.deleted:
-            _queue_deletion(pipe, event.aggregate, state, key)
-        else:
-            _queue_write(pipe, event.aggregate, state, key, score)
+        if decision.applies:
+            _queue_change(pipe, change, READ_MODEL_PREFIX, staging=False)
+        if staging_decision.applies:
+            _queue_change(pipe, change, str(staging), staging=True)
         await pipe.execute()
-    _log_conflict(event, decision)
     return decision
 
 
-def _deletion_decision(local_version: int | None, incoming_version: int) -> Decision:
-    if local_version is None:
-        return Decision.DUPLICATE
-    return Decision.STALE if incoming_version < local_version else Decision.APPLY
-
-
-def _queue_write(pipe: Any, aggregate: str, state: dict[str, Any], key: str, score: float) -> None:
+def _queue_change(pipe: Any, change: _Change, prefix: str, *, staging: bool) -> None:
+    state = change.state
+    key = state_key(change.aggregate, state["id"], prefix)
+    index_key = (
+        user_orders_key(state["user_id"], prefix) if change.aggregate == ORDER
+        else products_index_key(prefix)
+    )
+    # Replacing the whole hash also drops a tombstone's `deleted` field.
+    pipe.delete(key)
+    if change.deleted:
+        # NOTE: the live model keeps no tombstone, so an older event of the same aggregate that is
+        # projected after the deletion creates the entry again.
+        if staging:
+            pipe.hset(key, mapping={"version": state["version"], "deleted": "1"})
+        if change.aggregate == ORDER:
+            pipe.zrem(index_key, state["id"])
+        else:
+            pipe.srem(index_key, state["id"])
+        return
     encoded = json.dumps(state, sort_keys=True, separators=(",", ":"))
     pipe.hset(
         key, mapping={"json": encoded, "version": state["version"], "hash": content_hash(state)}
     )
-    if aggregate == ORDER:
-        pipe.zadd(user_orders_key(state["user_id"]), {state["id"]: score})
+    if change.aggregate == ORDER:
+        pipe.zadd(index_key, {state["id"]: change.score})
     else:
-        pipe.sadd(products_index_key(), state["id"])
-
-
-def _queue_deletion(pipe: Any, aggregate: str, state: dict[str, Any], key: str) -> None:
-    # NOTE: keys are removed without a tombstone, so an older event of the same aggregate that is
-    # projected after the deletion creates the entry again.
-    pipe.delete(key)
-    if aggregate == ORDER:
-        pipe.zrem(user_orders_key(state["user_id"]), state["id"])
-    else:
-        pipe.srem(products_index_key(), state["id"])
+        pipe.sadd(index_key, state["id"])
+    if not staging:
+        counts_key = apply_counts_key(change.aggregate, state["id"])
+        pipe.hincrby(counts_key, str(state["version"]), 1)
+        pipe.expire(counts_key, APPLY_COUNTS_TTL_SECONDS)
 
 
 def _creation_score(state: dict[str, Any]) -> float:

@@ -4,13 +4,15 @@
 stored state. `outbox` contains each command's event, written in the command's transaction, until
 the outbox relay appends it to its stream. `relay_checkpoint` stores the last relayed outbox `seq`.
 `conflicts` records every state that had the stored version but other content, with both states.
+`applied_versions` counts how often CDC ingest applied each version of each entity. The outbox relay
+deletes outbox rows once their checkpoint is stored.
 """
 
 import logging
 
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, Text
 
-from services.shared.database import create_sqlite_engine
+from services.shared.database import applied_versions_table, create_sqlite_engine
 
 from .settings import Settings
 
@@ -80,6 +82,8 @@ conflicts = Table(
     Column("recorded_at", String, nullable=False),
     sqlite_autoincrement=True,
 )
+
+applied_versions = applied_versions_table(metadata)
 
 AGGREGATE_TABLES: dict[str, Table] = {"order": orders, "product": products, "user": users}
 

@@ -32,12 +32,22 @@ class Settings(ServiceSettings):
     relay_batch_size: int = Field(500, ge=1)
     # Pause in seconds between outbox relay rounds that found no more rows.
     relay_poll_interval_seconds: float = Field(0.05, gt=0)
+    # Seconds between trims of `events.cqrs` to the entries some group has not acknowledged, and
+    # seconds an acknowledged entry stays on the stream anyway, for operators and late readers.
+    relay_trim_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    relay_stream_retention_seconds: float = Field(300.0, ge=0)
     # Consumer name within each consumer group; must be unique per running worker process.
     consumer_name: str = Field(default_factory=_default_consumer_name, min_length=1)
     # Deliveries of a stream entry before it moves to the dead-letter stream.
     max_tries: int = Field(5, ge=1)
     # Time in ms after which a pending entry of a stopped consumer is claimed by another.
     claim_idle_ms: int = Field(30_000, ge=0)
+    # Base and maximum of the jittered exponential backoff, in seconds, between retries of an
+    # entry whose handling failed or whose dependency is down.
+    retry_base_seconds: float = Field(0.2, gt=0, le=60)
+    retry_max_seconds: float = Field(10.0, gt=0, le=600)
+    # Seconds a worker may take after SIGTERM to finish the entry in hand before it exits.
+    shutdown_grace_seconds: float = Field(5.0, ge=0, le=300)
     monolith_url: str = "http://127.0.0.1:8001"
     token_url: str = "http://127.0.0.1:8000/token"  # noqa: S105 - a URL, not a secret
     sync_client_id: str = REVERSE_SYNC_CLIENT

@@ -14,9 +14,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from services.shared.clock import utc_now
 from services.shared.consistency import Decision, content_hash, decide
+from services.shared.database import count_apply
 from services.shared.events import Event
 
-from .schema import AGGREGATE_TABLES, conflicts, orders, products
+from .schema import AGGREGATE_TABLES, applied_versions, conflicts, orders, products
 from .states import ORDER, PRODUCT, event_state
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def upsert_state(
 def apply_event(engine: Engine, event: Event, *, authority: str) -> Decision:
     """Apply the state an event carries to the write model by version, in one transaction.
 
+    Each apply of a state adds one to the version's counter in `applied_versions`, in the same
+    transaction. A deletion is not counted, because a repeated deletion finds no row to delete.
+
     A newer version replaces the stored state. A state with the stored version but other content is
     recorded in `conflicts` and replaces the stored state only when `event.origin` is `authority`.
     A deletion removes the row when its version is at least the stored one. For a deletion the
@@ -109,7 +113,15 @@ def apply_event(engine: Engine, event: Event, *, authority: str) -> Decision:
             )
         if decision.applies:
             upsert_state(connection, aggregate, state, origin=event.origin)
+            _count_apply(connection, aggregate, state)
     return decision
+
+
+def _count_apply(connection: Connection, aggregate: str, state: dict[str, Any]) -> None:
+    count_apply(
+        connection, applied_versions, aggregate=aggregate, aggregate_id=state["id"],
+        version=state["version"],
+    )
 
 
 def _apply_deletion(

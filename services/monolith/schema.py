@@ -5,15 +5,30 @@ transaction, so every write is captured, including writes from outside the API (
 migration script). The logged image is the row's public JSON shape. An order's `items` column is
 embedded as JSON, so an order's `row_json` is exactly the public order.
 
-Versions: an UPDATE that does not raise `version` gets `OLD.version + 1` from the trigger before the
-change-log row is written. An INSERT whose version is not above the last version logged for that id
-(an INSERT OR REPLACE of an existing row, or a re-insert after a DELETE) is raised above it the same
-way. Neither applies while a `sync_context` row exists, because the sync API writes exact versions.
+Versions: an UPDATE that does not raise `version` above both the row's old version and the last
+version logged for its id gets the higher of the two plus one from the trigger, before the
+change-log row is written. The logged version matters when an UPDATE gives a row an id that was used
+before. An INSERT whose version is not above the last version logged for that id (an INSERT OR
+REPLACE of an existing row, or a re-insert after a DELETE) is raised above it the same way. Neither
+applies while a `sync_context` row exists, because the sync API writes exact versions.
+
+Rows that SQL removes without a DELETE are captured too. A changed primary key logs the old id's
+deletion. INSERT OR REPLACE and UPDATE OR REPLACE delete the row that conflicts on a UNIQUE column
+without firing its delete trigger: a conflict on the primary key leaves the id with a newer version,
+which receivers apply over the old row, and a conflict on another UNIQUE column (`UNIQUE_COLUMNS`)
+is found by the replaced-row triggers, which log the vanished row's deletion from its last logged
+image. The captured tables have no foreign keys, so no cascade can change them.
 
 The version-raising statements rely on SQLite's default `recursive_triggers=OFF`, under which a
 trigger's own UPDATE does not fire that trigger again. With recursive triggers on, a raw UPDATE
 would log its after-image twice, which consumers skip as a duplicate, and an INSERT OR REPLACE
 would also log the replaced row's deletion.
+
+The relay prunes relayed change-log rows but keeps each id's row with the highest version, because
+the triggers read the last logged version and image of an id from it.
+
+NOTE: DROP TABLE removes a table's triggers and logs nothing; a migration that rebuilds a table
+must run `create_schema` (the monolith does at every start) before writing to the new table.
 """
 
 # ruff: noqa: S608 - the trigger DDL interpolates only the constant table and column names below.
@@ -36,7 +51,7 @@ from sqlalchemy import (
 )
 
 from services.shared.clock import utc_now
-from services.shared.database import create_sqlite_engine
+from services.shared.database import applied_versions_table, create_sqlite_engine
 from services.shared.domain import DEMO_PRODUCTS, DEMO_USERS
 from services.shared.names import ORIGIN_CQRS, ORIGIN_MONOLITH
 
@@ -129,6 +144,9 @@ conflicts = Table(
     sqlite_autoincrement=True,
 )
 
+# Order states applied by the sync API, counted per version.
+applied_versions = applied_versions_table(metadata)
+
 # Columns of each captured table, in the order of its public JSON shape.
 CAPTURED_COLUMNS: dict[str, tuple[str, ...]] = {
     "users": ("id", "username", "display_name", "version", "updated_at"),
@@ -137,6 +155,8 @@ CAPTURED_COLUMNS: dict[str, tuple[str, ...]] = {
         "id", "user_id", "items", "total_amount", "status", "version", "created_at", "updated_at",
     ),
 }
+# Non-key columns with a UNIQUE constraint, whose REPLACE conflicts delete another row.
+UNIQUE_COLUMNS: dict[str, tuple[str, ...]] = {"users": ("username",)}
 # Columns stored as JSON text and embedded in the logged image as JSON values.
 _JSON_COLUMNS = frozenset({"items"})
 
@@ -162,9 +182,14 @@ def _last_logged_version_sql(table: str) -> str:
     )
 
 
+_INSERT_CHANGE_SQL = (
+    "INSERT INTO change_log (table_name, op, row_id, version, origin, row_json, changed_at) "
+)
+
+
 def _log_insert_sql(table: str, op: str, ref: str, *, source: str = "", where: str = "") -> str:
     return (
-        "INSERT INTO change_log (table_name, op, row_id, version, origin, row_json, changed_at) "
+        f"{_INSERT_CHANGE_SQL}"
         f"SELECT '{table}', '{op}', {ref}.id, {ref}.version, {_ORIGIN_SQL}, "
         f"{_image_sql(table, ref)}, {_NOW_SQL}{source}{where};"
     )
@@ -188,11 +213,12 @@ def _insert_triggers(table: str) -> list[str]:
 
 
 def _update_trigger(table: str) -> str:
+    floor = f"MAX(OLD.version, {_last_logged_version_sql(table)})"
     raise_version = (
-        f"UPDATE {table} SET version = OLD.version + 1, "
+        f"UPDATE {table} SET version = {floor} + 1, "
         f"updated_at = CASE WHEN NEW.updated_at IS OLD.updated_at THEN {_NOW_SQL} "
         "ELSE NEW.updated_at END "
-        f"WHERE id = NEW.id AND NEW.version <= OLD.version AND NOT {_SYNCING_SQL};"
+        f"WHERE id = NEW.id AND NEW.version <= {floor} AND NOT {_SYNCING_SQL};"
     )
 
     # A changed primary key retires the old id, so its before-image is logged as a deletion.
@@ -216,11 +242,55 @@ def _delete_trigger(table: str) -> str:
     )
 
 
+def _replaced_row_triggers(table: str) -> dict[str, str]:
+    """Return, by name, triggers that log rows deleted by a REPLACE conflict on a UNIQUE column.
+
+    Such a row is gone from the table without a logged deletion. Its last logged image is not a
+    deletion, has the new row's value in the column, and belongs to an id no longer in the table.
+    """
+    triggers: dict[str, str] = {}
+    for column in UNIQUE_COLUMNS.get(table, ()):
+        latest_seq = (
+            "(SELECT MAX(latest.seq) FROM change_log AS latest "
+            f"WHERE latest.table_name = '{table}' AND latest.row_id = gone.row_id)"
+        )
+        log_deletion = (
+            f"{_INSERT_CHANGE_SQL}"
+            f"SELECT '{table}', 'delete', gone.row_id, gone.version, {_ORIGIN_SQL}, gone.row_json, "
+            f"{_NOW_SQL} FROM change_log AS gone "
+            f"WHERE gone.table_name = '{table}' AND gone.op != 'delete' "
+            f"AND json_extract(gone.row_json, '$.{column}') = NEW.{column} "
+            f"AND gone.row_id IS NOT NEW.id AND gone.seq = {latest_seq} "
+            f"AND NOT EXISTS (SELECT 1 FROM {table} WHERE {table}.id = gone.row_id);"
+        )
+        triggers[f"{table}_cdc_replaced_{column}_insert"] = (
+            f"CREATE TRIGGER {table}_cdc_replaced_{column}_insert AFTER INSERT ON {table} "
+            f"BEGIN {log_deletion} END"
+        )
+        triggers[f"{table}_cdc_replaced_{column}_update"] = (
+            f"CREATE TRIGGER {table}_cdc_replaced_{column}_update "
+            f"AFTER UPDATE OF {column} ON {table} BEGIN {log_deletion} END"
+        )
+    return triggers
+
+
+def trigger_names(table: str) -> list[str]:
+    """Return the names of the change-capture triggers of `table`."""
+    names = [f"{table}_{name}" for name in ("cdc_insert", "cdc_insert_version", "cdc_update",
+                                             "cdc_delete")]
+    return [*names, *_replaced_row_triggers(table)]
+
+
 def trigger_statements(table: str) -> list[str]:
     """Return the DDL that drops and recreates the change-capture triggers of `table`."""
-    names = ("cdc_insert", "cdc_insert_version", "cdc_update", "cdc_delete")
-    drops = [f"DROP TRIGGER IF EXISTS {table}_{name}" for name in names]
-    return [*drops, *_insert_triggers(table), _update_trigger(table), _delete_trigger(table)]
+    drops = [f"DROP TRIGGER IF EXISTS {name}" for name in trigger_names(table)]
+    return [
+        *drops,
+        *_insert_triggers(table),
+        _update_trigger(table),
+        _delete_trigger(table),
+        *_replaced_row_triggers(table).values(),
+    ]
 
 
 def create_schema(connection: Connection) -> None:

@@ -29,6 +29,10 @@ class Settings(ServiceSettings):
     relay_poll_interval_seconds: float = Field(0.05, gt=0, le=60)
     relay_retry_base_seconds: float = Field(0.2, gt=0, le=60)
     relay_retry_max_seconds: float = Field(10.0, gt=0, le=600)
+    # Seconds between trims of `cdc.monolith` to the entries some group has not acknowledged, and
+    # seconds an acknowledged entry stays on the stream anyway, for operators and late readers.
+    relay_trim_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    relay_stream_retention_seconds: float = Field(300.0, ge=0)
 
     @field_validator("sync_client_ids", mode="before")
     @classmethod

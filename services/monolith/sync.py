@@ -17,6 +17,7 @@ from sqlalchemy import Engine, insert
 
 from services.shared.clock import utc_now
 from services.shared.consistency import Decision, content_hash, decide
+from services.shared.database import count_apply
 from services.shared.domain import OrderPublic
 from services.shared.errors import Forbidden, ValidationFailed
 from services.shared.names import ORIGIN_CQRS
@@ -26,7 +27,7 @@ from services.shared.web import require_scope
 
 from . import store
 from .routes import DatabaseEngine
-from .schema import conflicts, sync_context
+from .schema import applied_versions, conflicts, sync_context
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,10 @@ def apply_order_state(engine: Engine, state: OrderPublic, *, authority: str) -> 
         )
         if decision.applies:
             store.upsert_order(connection, state)
+            count_apply(
+                connection, applied_versions, aggregate="order", aggregate_id=state.id,
+                version=state.version,
+            )
         if decision.conflict:
             connection.execute(
                 insert(conflicts).values(

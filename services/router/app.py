@@ -1,8 +1,10 @@
 """The gray router as a plain ASGI application.
 
-Per request: assign the request id, normalise the path, serve the router's own endpoints, reject
-`/internal`, verify the bearer token, pick a rule, and stream the request to the chosen target.
-The hot path uses no framework routing; see the module docstring of `proxy` for the pieces.
+Per request the router assigns the request id, checks the header size and the body framing, and
+normalises the path. It serves its own endpoints, applies the per-client rate limit and rejects
+`/internal`. Then it verifies the bearer token and its revocation, picks a rule, reads the body
+within its limits, sends the request to the chosen target and streams the response back. The hot
+path uses no framework routing; see the module docstring of `proxy` for the pieces.
 
 The router is the public entry, so the ASGI server must hand it the real peer address: run uvicorn
 with `proxy_headers=False` (`--no-proxy-headers`). Otherwise uvicorn replaces the client address
@@ -10,18 +12,20 @@ with a client-sent X-Forwarded-For whenever the peer is in `forwarded_allow_ips`
 default), and the router would forward that spoofed address.
 """
 
+import asyncio
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from services.shared.errors import Forbidden, Unauthorized
+from services.shared.errors import Forbidden, Unauthorized, Unavailable
 from services.shared.logs import request_id_var
+from services.shared.revocation import RevocationList
 from services.shared.scopes import GRAY_ADMIN
 from services.shared.security import (
     JWKSClient,
@@ -32,6 +36,7 @@ from services.shared.security import (
 )
 from services.shared.web import valid_request_id
 
+from .limits import RateLimiter, forwarded_for_chain, is_trusted
 from .proxy import (
     UPSTREAM_ERRORS,
     BodyTooLarge,
@@ -40,7 +45,6 @@ from .proxy import (
     Message,
     RawHeaders,
     Receive,
-    RequestBody,
     Scope,
     Send,
     UpstreamError,
@@ -48,8 +52,11 @@ from .proxy import (
     client_response_headers,
     declared_length,
     encode_path,
+    framing_error,
     has_body,
+    header_bytes,
     normalise_path,
+    read_body,
     upstream_request_headers,
 )
 from .reloader import LoadedRules, RulesReloader
@@ -66,6 +73,11 @@ REQUESTS = Counter(
     "Requests the router answered, by rule, target and status.",
     ["rule", "target", "status"],
 )
+REJECTIONS = Counter(
+    "ztcqrs_router_rejections_total",
+    "Requests the router answered itself without forwarding, by reason.",
+    ["reason"],
+)
 REQUEST_DURATION = Histogram(
     "ztcqrs_router_request_duration_seconds",
     "Time from the start of a request to the end of its response, by target.",
@@ -80,8 +92,11 @@ CLIENT_CLOSED_REQUEST = 499
 
 _PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 _GRAY_PREFIX = "/_gray"
+# Probes under either prefix skip the rate limit, so an orchestrator's checks are never throttled.
+_UNLIMITED = _PROBES | {_GRAY_PREFIX + probe for probe in _PROBES}
 _STATUS = "/status"
 _READ_METHODS = frozenset({"GET", "HEAD"})
+_CLOSE = (b"connection", b"close")
 
 
 @dataclass(slots=True)
@@ -91,10 +106,12 @@ class Exchange:
     request_id: str
     method: str
     path: str
+    # The client's address: the socket peer, or from X-Forwarded-For behind a trusted proxy.
+    client: str | None = None
     target: str = ROUTER_TARGET
     rule: str = NO_RULE
     status: int = 500
-    # Why the router answered with an error itself; logged on the request's line.
+    # Why the router responded with an error itself; logged on the request's line.
     error: str | None = None
     response_started: bool = False
     # Probe and metrics requests are neither logged nor counted, so scrapes do not drown traffic.
@@ -118,6 +135,7 @@ class RouterApp:
         verifier: CachingVerifier,
         key_source: KeySource,
         upstreams: Upstreams,
+        revocations: RevocationList | None,
         *,
         owns_key_source: bool,
     ) -> None:
@@ -126,6 +144,11 @@ class RouterApp:
         self.verifier = verifier
         self.key_source = key_source
         self.upstreams = upstreams
+        self.revocations = revocations
+        self.rate_limiter = RateLimiter(
+            settings.rate_limit_per_second, settings.rate_limit_burst, settings.rate_limit_clients
+        )
+        self._trusted = settings.trusted_networks
         self._owns_key_source = owns_key_source
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -144,6 +167,8 @@ class RouterApp:
         """Open the upstream pool, start polling the rules file and fetch the signing keys."""
         await self.upstreams.start()
         self.reloader.start()
+        if self.revocations is not None:
+            await self.revocations.start()
         if isinstance(self.key_source, JWKSClient):
             await self.key_source.refresh(force=True)
         loaded = self.reloader.current
@@ -159,6 +184,8 @@ class RouterApp:
     async def shutdown(self) -> None:
         await self.reloader.stop()
         await self.upstreams.close()
+        if self.revocations is not None:
+            await self.revocations.stop()
         if self._owns_key_source and isinstance(self.key_source, JWKSClient):
             await self.key_source.aclose()
         log.info("router stopped")
@@ -189,8 +216,13 @@ class RouterApp:
         request_id = valid_request_id(_first_header(headers, b"x-request-id"))
         context = request_id_var.set(request_id)
         exchange = Exchange(request_id, scope["method"], scope["path"])
+        peer = scope.get("client")
+        forwarded = _header_values(headers, b"x-forwarded-for")
+        chain, exchange.client = forwarded_for_chain(
+            forwarded, peer[0] if peer else None, self._trusted
+        )
         try:
-            await self._handle(scope, receive, send, loaded, exchange)
+            await self._handle(scope, receive, send, loaded, exchange, chain)
         except Exception:
             log.exception(
                 "request failed in the router",
@@ -210,7 +242,7 @@ class RouterApp:
                     "method": exchange.method, "path": exchange.path,
                     "status": exchange.status, "target": exchange.target,
                     "rule": exchange.rule, "duration_ms": round(elapsed * 1000, 2),
-                    "request_id": request_id,
+                    "request_id": request_id, "client_address": exchange.client,
                 }
                 if exchange.error is not None:
                     fields["error"] = exchange.error
@@ -218,59 +250,127 @@ class RouterApp:
             request_id_var.reset(context)
 
     async def _handle(
-        self, scope: Scope, receive: Receive, send: Send, loaded: LoadedRules, exchange: Exchange
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        loaded: LoadedRules,
+        exchange: Exchange,
+        forwarded_for: list[str],
     ) -> None:
+        headers: RawHeaders = scope["headers"]
+        if header_bytes(scope) > self.settings.max_header_bytes:
+            await self._reject(
+                send, exchange, 431, "headers_too_large",
+                f"The request's target and headers are larger than the limit of "
+                f"{self.settings.max_header_bytes} bytes; send fewer or smaller headers.",
+                [_CLOSE],
+            )
+            return
+        problem = framing_error(headers, scope.get("http_version", "1.1"))
+        if problem is not None:
+            # The server may have read this body differently from the next hop, so nothing
+            # more is read from this connection.
+            await self._reject(send, exchange, 400, "invalid_request", problem, [_CLOSE])
+            return
         raw_path: bytes = scope.get("raw_path") or encode_path(scope["path"]).encode()
         try:
             path = normalise_path(raw_path)
         except InvalidPath as error:
-            await self._send_error(send, exchange, 400, "invalid_path", str(error))
+            await self._reject(send, exchange, 400, "invalid_path", str(error))
             return
         exchange.path = path
 
-        if path in _PROBES or path == _GRAY_PREFIX or path.startswith(_GRAY_PREFIX + "/"):
+        if path in _UNLIMITED:
+            await self._own_endpoint(scope, send, exchange, loaded, path)
+            return
+        if not await self._within_rate(send, exchange):
+            return
+        if path == _GRAY_PREFIX or path.startswith(_GRAY_PREFIX + "/"):
             await self._own_endpoint(scope, send, exchange, loaded, path)
             return
         if _is_internal(path):
-            await self._send_error(
+            await self._reject(
                 send, exchange, 404, "not_found", f"No route matches {exchange.method} {path}."
             )
             return
 
-        header_map = _header_map(scope["headers"])
-        try:
-            principal = await self._authenticate(header_map)
-        except Unauthorized as error:
-            await self._send_unauthorized(send, exchange, error, header_map)
+        header_map = _header_map(headers)
+        principal = await self._authenticate_or_reject(send, exchange, header_map)
+        if principal is None:
             return
         facts = RequestFacts(
             exchange.method, path, header_map, principal.subject, principal.claims
         )
         decision = loaded.rules.select(facts)
         exchange.rule = decision.rule_name
-        await self._proxy(scope, receive, send, exchange, decision)
+        await self._proxy(scope, receive, send, exchange, decision, forwarded_for)
+
+    async def _within_rate(self, send: Send, exchange: Exchange) -> bool:
+        if not self.rate_limiter.enabled or exchange.client is None:
+            return True
+        wait = self.rate_limiter.retry_after(exchange.client)
+        if wait is None:
+            return True
+        seconds = max(1, math.ceil(wait))
+        await self._reject(
+            send, exchange, 429, "rate_limited",
+            f"Client {exchange.client} sent more than {self.settings.rate_limit_per_second:g} "
+            f"requests per second; retry after {seconds} s.",
+            [(b"retry-after", str(seconds).encode())],
+        )
+        return False
+
+    async def _authenticate_or_reject(
+        self, send: Send, exchange: Exchange, header_map: dict[str, tuple[str, ...]]
+    ) -> Principal | None:
+        """Return the verified, unrevoked caller, or send 401 (503 when keys are unusable)."""
+        try:
+            return await self._authenticate(header_map)
+        except Unauthorized as error:
+            REJECTIONS.labels("invalid_token").inc()
+            await self._send_unauthorized(send, exchange, error, header_map)
+        except Unavailable as error:
+            await self._reject(
+                send, exchange, 503, error.code, error.message, [(b"retry-after", b"5")]
+            )
+        return None
 
     async def _authenticate(self, header_map: dict[str, tuple[str, ...]]) -> Principal:
         values = header_map.get("authorization", ())
         if len(values) > 1:
             raise Unauthorized("The request has several Authorization headers; send exactly one.")
-        return await self.verifier.verify(bearer_token(values[0] if values else None))
+        token = bearer_token(values[0] if values else None)
+        if isinstance(self.key_source, JWKSClient):
+            # Checked before the cache of verified tokens, so cached tokens fail closed too.
+            await self.key_source.ensure_usable()
+        principal = await self.verifier.verify(token)
+        if self.revocations is not None:
+            self.revocations.check(principal)
+        return principal
 
     # Proxying
 
     async def _proxy(
-        self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, decision: Decision
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        decision: Decision,
+        forwarded_for: list[str],
     ) -> None:
         headers: RawHeaders = scope["headers"]
-        try:
-            length = declared_length(headers)
-        except ValueError as error:
-            await self._send_error(send, exchange, 400, "invalid_request", str(error))
-            return
+        length = declared_length(headers)
         limit = self.settings.max_body_bytes
         if length is not None and length > limit:
             await self._send_too_large(send, exchange)
             return
+        body: bytes | None = None
+        if has_body(headers):
+            body = await self._read_body(receive, send, exchange)
+            if body is None:
+                return
 
         method = exchange.method
         target, path = upstream_route(decision.target, method, exchange.path)
@@ -279,36 +379,18 @@ class RouterApp:
             fallback = upstream_route(decision.fallback, method, exchange.path)
             if fallback[0] == target:
                 fallback = None
-
-        client = scope.get("client")
+        peer = scope.get("client")
         upstream_headers = upstream_request_headers(
             headers,
-            client_host=client[0] if client else None,
+            forwarded_for=forwarded_for,
+            trusted_hop=is_trusted(peer[0] if peer else None, self._trusted),
             scheme=scope.get("scheme", "http"),
             request_id=exchange.request_id,
         )
-        request_body = RequestBody(receive, limit)
-        body: bytes | AsyncIterator[bytes] | None = None
-        if has_body(headers):
-            if fallback is None:
-                body = request_body.chunks()
-            else:
-                # A request that may go out twice needs its body twice, so it is read first.
-                try:
-                    body = await request_body.read()
-                except BodyTooLarge:
-                    await self._send_too_large(send, exchange)
-                    return
-                except ClientGone as error:
-                    exchange.status = CLIENT_CLOSED_REQUEST
-                    exchange.error = str(error)
-                    return
-
         query: bytes = scope.get("query_string", b"")
+
         exchange.target = target
-        outcome = await self._call_upstream(
-            exchange, path, query, upstream_headers, body, request_body
-        )
+        outcome = await self._call_upstream(exchange, path, query, upstream_headers, body)
         if fallback is not None and _should_fall_back(outcome):
             failed = target
             if isinstance(outcome, aiohttp.ClientResponse):
@@ -322,26 +404,33 @@ class RouterApp:
                     "method": method, "path": exchange.path, "request_id": exchange.request_id,
                 },
             )
-            outcome = await self._call_upstream(
-                exchange, path, query, upstream_headers, body, request_body
-            )
+            outcome = await self._call_upstream(exchange, path, query, upstream_headers, body)
 
-        if request_body.too_large:
-            if isinstance(outcome, aiohttp.ClientResponse):
-                outcome.release()
-            await self._send_too_large(send, exchange)
-            return
-        if request_body.client_gone:
-            if isinstance(outcome, aiohttp.ClientResponse):
-                outcome.release()
-            exchange.status = CLIENT_CLOSED_REQUEST
-            exchange.error = "The client disconnected while sending the request body."
-            return
         if isinstance(outcome, UpstreamError):
             code = "gateway_timeout" if outcome.status == 504 else "bad_gateway"
             await self._send_error(send, exchange, outcome.status, code, outcome.public_message)
             return
         await self._relay(send, exchange, outcome)
+
+    async def _read_body(self, receive: Receive, send: Send, exchange: Exchange) -> bytes | None:
+        """Return the whole request body, or send 413 or 408 (nothing when the client left)
+        and return None."""
+        timeout = self.settings.client_body_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                return await read_body(receive, self.settings.max_body_bytes)
+        except BodyTooLarge:
+            await self._send_too_large(send, exchange)
+        except TimeoutError:
+            await self._reject(
+                send, exchange, 408, "request_timeout",
+                f"The request body did not arrive within {timeout:g} s; send it faster.",
+                [_CLOSE],
+            )
+        except ClientGone as error:
+            exchange.status = CLIENT_CLOSED_REQUEST
+            exchange.error = str(error)
+        return None
 
     async def _call_upstream(
         self,
@@ -349,8 +438,7 @@ class RouterApp:
         path: str,
         query: bytes,
         headers: list[tuple[str, str]],
-        body: bytes | AsyncIterator[bytes] | None,
-        request_body: RequestBody,
+        body: bytes | None,
     ) -> aiohttp.ClientResponse | UpstreamError:
         target = exchange.target
         try:
@@ -358,9 +446,6 @@ class RouterApp:
                 target, exchange.method, path, query, headers, body
             )
         except UpstreamError as error:
-            if request_body.too_large or request_body.client_gone:
-                # The client failed, not the upstream: the caller sends 413 or logs the disconnect.
-                return error
             UPSTREAM_ERRORS.labels(target, error.kind).inc()
             log.warning(
                 "upstream call failed",
@@ -469,10 +554,8 @@ class RouterApp:
         self, scope: Scope, send: Send, exchange: Exchange, loaded: LoadedRules
     ) -> None:
         header_map = _header_map(scope["headers"])
-        try:
-            principal = await self._authenticate(header_map)
-        except Unauthorized as error:
-            await self._send_unauthorized(send, exchange, error, header_map)
+        principal = await self._authenticate_or_reject(send, exchange, header_map)
+        if principal is None:
             return
         try:
             principal.require_scope(GRAY_ADMIN)
@@ -509,12 +592,26 @@ class RouterApp:
         )
 
     async def _send_too_large(self, send: Send, exchange: Exchange) -> None:
-        exchange.target = ROUTER_TARGET
-        await self._send_error(
+        await self._reject(
             send, exchange, 413, "payload_too_large",
             f"The request body is larger than the limit of {self.settings.max_body_bytes} bytes; "
             "send a smaller body.",
+            [_CLOSE],
         )
+
+    async def _reject(
+        self,
+        send: Send,
+        exchange: Exchange,
+        status: int,
+        code: str,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Send the error response of a request that the router stops, and count the reason."""
+        REJECTIONS.labels(code).inc()
+        exchange.target = ROUTER_TARGET
+        await self._send_error(send, exchange, status, code, message, headers)
 
     async def _send_error(
         self,
@@ -576,6 +673,10 @@ def _is_internal(path: str) -> bool:
     return first_segment.split(";", 1)[0].lower() == "internal"
 
 
+def _header_values(headers: RawHeaders, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in headers if key.lower() == name]
+
+
 def _first_header(headers: RawHeaders, name: bytes) -> str | None:
     for key, value in headers:
         if key.lower() == name:
@@ -591,11 +692,17 @@ def _header_map(headers: RawHeaders) -> dict[str, tuple[str, ...]]:
     return result
 
 
-def create_app(settings: Settings, *, key_source: KeySource | None = None) -> RouterApp:
+def create_app(
+    settings: Settings,
+    *,
+    key_source: KeySource | None = None,
+    revocations: RevocationList | None = None,
+) -> RouterApp:
     """Build the router; raise RulesError naming the file when the rules file is missing or invalid.
 
     Without `key_source`, signing keys come from `settings.jwks_url` through a `JWKSClient` that
-    the app closes on shutdown.
+    the app closes on shutdown. Without `revocations`, revoked tokens are read from
+    `settings.redis_url`.
     """
     reloader = RulesReloader(settings.rules_file, settings.rules_poll_seconds)
     owns_key_source = key_source is None
@@ -604,6 +711,13 @@ def create_app(settings: Settings, *, key_source: KeySource | None = None) -> Ro
             settings.jwks_url,
             refresh_seconds=settings.jwks_refresh_seconds,
             min_refresh_seconds=settings.jwks_min_refresh_seconds,
+            max_stale_seconds=settings.jwks_max_stale_seconds,
+        )
+    if revocations is None:
+        revocations = RevocationList(
+            settings.redis_url,
+            leeway_seconds=settings.token_leeway_seconds,
+            max_stale_seconds=settings.revocation_max_stale_seconds,
         )
     verifier = TokenVerifier(
         key_source,
@@ -617,5 +731,6 @@ def create_app(settings: Settings, *, key_source: KeySource | None = None) -> Ro
         CachingVerifier(verifier, settings.token_cache_size),
         key_source,
         Upstreams(settings),
+        revocations,
         owns_key_source=owns_key_source,
     )

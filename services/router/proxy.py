@@ -9,7 +9,7 @@ import logging
 import posixpath
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -41,9 +41,10 @@ HOP_BY_HOP = frozenset({
 })
 # Request headers that only the router may set: a client could otherwise spoof its address or
 # the identity and routing headers that upstream services trust. `Host` is rewritten by the
-# HTTP client to the upstream's authority, and `Expect` is handled by the router's own server.
+# HTTP client to the upstream's authority, `Expect` is handled by the router's own server, and
+# `Content-Length` is set by the HTTP client from the buffered body.
 _DROPPED_REQUEST_HEADERS = frozenset({
-    b"host", b"forwarded", b"x-real-ip", b"x-request-id", b"expect",
+    b"host", b"forwarded", b"x-real-ip", b"x-request-id", b"expect", b"content-length",
 })
 _DROPPED_REQUEST_PREFIXES = (b"x-forwarded-", b"x-user-", b"x-gray-")
 # uvicorn adds its own `Server` and `Date` by default, and the router sets the request id and
@@ -108,8 +109,17 @@ def normalise_path(raw_path: bytes) -> str:
         )
     if not decoded.startswith("/"):
         raise InvalidPath("The path must start with '/'.")
+    if any(segment.split(";", 1)[0] in (".", "..") for segment in _parameter_segments(decoded)):
+        # Some servers (Tomcat, Jetty) read `..;x` as `..`, so it would climb after our matching.
+        raise InvalidPath(
+            "The path has a '.' or '..' segment with ';' parameters, which is not accepted."
+        )
     # normpath keeps a leading '//' (POSIX leaves its meaning open), so collapse slashes first.
     return posixpath.normpath(_SLASHES.sub("/", decoded))
+
+
+def _parameter_segments(path: str) -> list[str]:
+    return [segment for segment in path.split("/") if ";" in segment]
 
 
 def encode_path(path: str) -> str:
@@ -129,38 +139,44 @@ def connection_listed(headers: RawHeaders) -> frozenset[bytes]:
 def upstream_request_headers(
     headers: RawHeaders,
     *,
-    client_host: str | None,
+    forwarded_for: Sequence[str],
+    trusted_hop: bool,
     scheme: str,
     request_id: str,
 ) -> list[tuple[str, str]]:
     """Return the headers to send upstream: end-to-end headers plus the router's own.
 
-    `Authorization` is kept because every service verifies the token again. `Content-Length` is
-    dropped when the client also sent `Transfer-Encoding`, which takes precedence (RFC 9112
-    section 6.3), so the two can never disagree upstream.
+    `Authorization` is kept because every service verifies the token again. `Content-Length` and
+    `Transfer-Encoding` are dropped because the router sends the body it buffered, with a length
+    of its own. X-Forwarded-Proto and -Host of a trusted proxy are kept; from anyone else they are
+    replaced, like X-Forwarded-For, which the caller builds with `forwarded_for_chain`.
     """
     listed = connection_listed(headers)
-    chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
     forwarded: list[tuple[str, str]] = []
     host: str | None = None
+    proto: str | None = None
+    forwarded_host: str | None = None
     for raw_name, raw_value in headers:
         name = raw_name.lower()
         if name == b"host" and host is None:
             host = raw_value.decode("latin-1")
+        if trusted_hop and name == b"x-forwarded-proto" and proto is None:
+            proto = raw_value.decode("latin-1").strip()
+        if trusted_hop and name == b"x-forwarded-host" and forwarded_host is None:
+            forwarded_host = raw_value.decode("latin-1").strip()
         if (
             name in HOP_BY_HOP
             or name in listed
             or name in _DROPPED_REQUEST_HEADERS
             or name.startswith(_DROPPED_REQUEST_PREFIXES)
-            or (chunked and name == b"content-length")
         ):
             continue
         forwarded.append((name.decode("latin-1"), raw_value.decode("latin-1")))
-    if client_host:
-        forwarded.append(("x-forwarded-for", client_host))
-    forwarded.append(("x-forwarded-proto", scheme))
-    if host:
-        forwarded.append(("x-forwarded-host", host))
+    if forwarded_for:
+        forwarded.append(("x-forwarded-for", ", ".join(forwarded_for)))
+    forwarded.append(("x-forwarded-proto", proto or scheme))
+    if forwarded_host or host:
+        forwarded.append(("x-forwarded-host", forwarded_host or host or ""))
     forwarded.append(("x-request-id", request_id))
     return forwarded
 
@@ -182,17 +198,47 @@ def client_response_headers(headers: RawHeaders) -> list[tuple[bytes, bytes]]:
     return kept
 
 
+def framing_error(headers: RawHeaders, http_version: str) -> str | None:
+    """Return why the request's body framing is ambiguous, or None when it is sound.
+
+    A request with both Content-Length and Transfer-Encoding, a coding other than a single
+    `chunked`, or Transfer-Encoding in HTTP/1.0 is how request smuggling starts: two servers
+    may disagree on where the body ends (RFC 9112 section 6.3). httptools rejects most of these
+    itself, h11 accepts the first, so the router checks them whichever parser runs.
+    """
+    codings = [value for name, value in headers if name.lower() == b"transfer-encoding"]
+    lengths = {value.strip() for name, value in headers if name.lower() == b"content-length"}
+    if codings and lengths:
+        return "The request has both Content-Length and Transfer-Encoding; send only one of them."
+    if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+        return (
+            "The request's Transfer-Encoding is not a single 'chunked'; send 'chunked' or a "
+            "Content-Length."
+        )
+    if codings and http_version == "1.0":
+        return (
+            "The request uses Transfer-Encoding in HTTP/1.0, which has no chunked coding; send "
+            "a Content-Length."
+        )
+    if len(lengths) > 1:
+        return "The request has several different Content-Length headers; send one."
+    if lengths and not next(iter(lengths)).isdigit():
+        return "The request's Content-Length header is not a non-negative integer."
+    return None
+
+
 def declared_length(headers: RawHeaders) -> int | None:
-    """Return the request's Content-Length, or None. Raise ValueError for an invalid one."""
-    values = {value.strip() for name, value in headers if name.lower() == b"content-length"}
-    if not values:
-        return None
-    if len(values) > 1:
-        raise ValueError("The request has several different Content-Length headers.")
-    value = values.pop()
-    if not value.isdigit():
-        raise ValueError("The request's Content-Length header is not a non-negative integer.")
-    return int(value)
+    """Return the request's Content-Length, or None. Call after `framing_error` found none."""
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return int(value.strip())
+    return None
+
+
+def header_bytes(scope: MutableMapping[str, Any]) -> int:
+    """Return the size of the request target and headers, as counted against the 431 limit."""
+    target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    return target + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
 
 
 def has_body(headers: RawHeaders) -> bool:
@@ -205,36 +251,25 @@ def has_body(headers: RawHeaders) -> bool:
     return False
 
 
-class RequestBody:
-    """The client's request body, read from ASGI `receive` with a byte limit."""
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """Return the whole request body. Raise BodyTooLarge past `limit`, ClientGone on disconnect.
 
-    def __init__(self, receive: Receive, limit: int) -> None:
-        self._receive = receive
-        self.limit = limit
-        self.received = 0
-        self.too_large = False
-        self.client_gone = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Yield the body as it arrives. Raise BodyTooLarge or, on disconnect, ClientGone."""
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.client_gone = True
-                raise ClientGone("The client disconnected while sending the request body.")
-            chunk: bytes = message.get("body", b"")
-            self.received += len(chunk)
-            if self.received > self.limit:
-                self.too_large = True
-                raise BodyTooLarge(f"The request body is larger than {self.limit} bytes.")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
-
-    async def read(self) -> bytes:
-        """Return the whole body, for a request that may be sent twice (fallback)."""
-        return b"".join([chunk async for chunk in self.chunks()])
+    The body is read completely before any upstream is contacted, as nginx does by default, so
+    an upstream never sees a partial, oversized or badly framed body.
+    """
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone("The client disconnected while sending the request body.")
+        chunk: bytes = message.get("body", b"")
+        received += len(chunk)
+        if received > limit:
+            raise BodyTooLarge(f"The request body is larger than {limit} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 class Upstreams:
@@ -280,7 +315,7 @@ class Upstreams:
         path: str,
         query: bytes,
         headers: Iterable[tuple[str, str]],
-        body: bytes | AsyncIterator[bytes] | None,
+        body: bytes | None,
     ) -> aiohttp.ClientResponse:
         """Send the request and return the response once its headers arrived.
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .expressions import Expression, ExpressionError, compile_expression
+
 TARGETS = ("monolith", "cqrs")
 DEFAULT_RULE = "default"
 BUCKETS = 10_000
@@ -23,7 +25,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 _TOP_LEVEL_FIELDS = ("version", "salt", "split_key_header", "default_target", "rules")
 _RULE_FIELDS = ("name", "match", "target", "split", "otherwise", "fallback")
-_MATCH_FIELDS = ("methods", "paths", "headers", "claims")
+_MATCH_FIELDS = ("methods", "paths", "headers", "claims", "expr")
 _SPLIT_FIELDS = ("target", "percent")
 
 # Rule names appear in the X-Gray-Rule header and in metric labels, so they stay header-safe.
@@ -71,6 +73,8 @@ class Match:
     headers: tuple[tuple[str, frozenset[str]], ...] = ()
     # Claim name with the allowed `(JSON kind, value)` pairs, so `true` never equals `1`.
     claims: tuple[tuple[str, frozenset[tuple[str, Any]]], ...] = ()
+    # A CEL condition, checked last because it is the most expensive.
+    expression: Expression | None = None
 
     def matches(self, facts: RequestFacts) -> bool:
         if self.methods is not None and facts.method not in self.methods:
@@ -88,6 +92,11 @@ class Match:
             kind = json_kind(facts.claims[name])
             if kind is None or (kind, facts.claims[name]) not in allowed_claims:
                 return False
+        if self.expression is not None:
+            return self.expression.evaluate(
+                method=facts.method, path=facts.path, headers=facts.headers,
+                claims=facts.claims, subject=facts.subject,
+            )
         return True
 
 
@@ -299,11 +308,18 @@ def _parse_match(raw: Any, prefix: str) -> Match:
             except ValueError as error:
                 raise RulesError(f"{prefix}match.paths glob {value!r} {error}") from error
         paths = tuple(globs)
+    expression = None
+    if raw.get("expr") is not None:
+        try:
+            expression = compile_expression(raw["expr"])
+        except ExpressionError as error:
+            raise RulesError(f"{prefix}match.expr {error}") from error
     return Match(
         methods=methods,
         paths=paths,
         headers=_parse_headers(raw.get("headers"), prefix),
         claims=_parse_claims(raw.get("claims"), prefix),
+        expression=expression,
     )
 
 

@@ -1,10 +1,14 @@
 """Settings of the gray router, read from `ROUTER_*` environment variables."""
 
+import ipaddress
+import json
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from services.shared.security import DEFAULT_JWKS_MAX_STALE_SECONDS
 from services.shared.settings import ServiceSettings
 
 MIB = 1024 * 1024
@@ -31,6 +35,54 @@ class Settings(ServiceSettings):
     # Maximum number of verified tokens kept in memory, so repeat requests skip the RSA check.
     # 0 turns the cache off.
     token_cache_size: int = Field(10_000, ge=0)
+    # Maximum size of the request line's target plus every header name and value, in bytes.
+    # Larger requests get 431. It sits below h11's own 16 KiB limit so that this JSON answer
+    # wins; httptools has no limit of its own.
+    max_header_bytes: int = Field(12 * 1024, ge=1024)
+    # Maximum time in seconds for the client to send the whole request body. Slower bodies get 408.
+    client_body_timeout_seconds: float = Field(10.0, gt=0)
+    # Requests per second each client address may make on average, and the burst it may make at
+    # once; more get 429. 0 turns the limit off. Probes and /metrics are not limited.
+    rate_limit_per_second: float = Field(100.0, ge=0)
+    rate_limit_burst: int = Field(200, ge=1)
+    # Client addresses tracked by the rate limit; the least recently seen are forgotten first.
+    rate_limit_clients: int = Field(100_000, ge=1)
+    # Addresses or networks of proxies in front of the router (a load balancer). Only from these
+    # peers are X-Forwarded-For, -Proto and -Host kept, and the client address taken from
+    # X-Forwarded-For. Comma-separated or a JSON array; empty trusts no one.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # How long cached signing keys stay in use while the JWKS cannot be fetched, in seconds,
+    # after which tokens get 503. 0 keeps them without a limit.
+    jwks_max_stale_seconds: float = Field(DEFAULT_JWKS_MAX_STALE_SECONDS, ge=0)
+    # Requests get 503 once the revocation list has not been read from Redis for this many
+    # seconds. 0 keeps serving with the revoked ids already known.
+    revocation_max_stale_seconds: float = Field(0.0, ge=0)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as error:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network such as 10.0.0.0/8"
+                ) from error
+        return value
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(entry, strict=False) for entry in self.trusted_proxies)
 
     @field_validator("monolith_url", "cqrs_url")
     @classmethod

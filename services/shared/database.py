@@ -9,7 +9,18 @@ with `engine.connect().execution_options(sqlite_begin="DEFERRED")`.
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+)
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -40,3 +51,34 @@ def create_sqlite_engine(path: Path) -> Engine:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def applied_versions_table(metadata: MetaData) -> Table:
+    """Define the apply counters: how often each version of each entity was applied.
+
+    A receiver increments the counter of a version in the transaction that applies it, so the
+    count is exact even when the process dies right after. A count above 1 means that an event
+    was applied twice.
+    """
+    return Table(
+        "applied_versions",
+        metadata,
+        Column("aggregate", String, primary_key=True),
+        Column("aggregate_id", String, primary_key=True),
+        Column("version", Integer, primary_key=True),
+        Column("applies", Integer, nullable=False),
+    )
+
+
+def count_apply(
+    connection: Connection, table: Table, *, aggregate: str, aggregate_id: str, version: int
+) -> None:
+    """Add one to the apply counter of `version` of an entity, in the caller's transaction."""
+    statement = sqlite_insert(table).values(
+        aggregate=aggregate, aggregate_id=aggregate_id, version=version, applies=1
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[table.c.aggregate, table.c.aggregate_id, table.c.version],
+        set_={"applies": table.c.applies + 1},
+    )
+    connection.execute(statement)

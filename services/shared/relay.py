@@ -4,10 +4,15 @@ Both the monolith's CDC relay (change log to `cdc.monolith`) and the CQRS outbox
 `events.cqrs`) read rows after a stored checkpoint, append them in one MULTI/EXEC, and only then
 store the last row's `seq`. A crash between the append and the checkpoint appends the rows again,
 so entries may repeat (receivers skip them by version) but never go missing.
+
+Rows are pruned in the transaction that stores the checkpoint, so only rows that Redis has
+acknowledged on the stream are ever removed. Between rounds each relay trims its stream of the
+entries that every consumer group has acknowledged, which keeps the stream's length bounded.
 """
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,8 +35,26 @@ def read_checkpoint(connection: Connection, table: Table, name: str) -> int:
     return int(seq) if seq is not None else 0
 
 
-def store_checkpoint(engine: Engine, table: Table, name: str, seq: int) -> None:
-    """Store `seq` under `name`; MAX keeps it from moving back if two relays ever run at once."""
+# Deletes relayed rows in the checkpoint's transaction; takes the connection, the previous
+# checkpoint and the new one, and returns the number of rows deleted.
+Prune = Callable[[Connection, int, int], int]
+
+
+def store_checkpoint(
+    engine: Engine,
+    table: Table,
+    name: str,
+    seq: int,
+    *,
+    prune: Prune | None = None,
+    after_seq: int = 0,
+) -> int:
+    """Store `seq` under `name`, then call `prune` for the rows in (`after_seq`, `seq`].
+
+    MAX keeps the checkpoint from moving back if two relays ever run at once. Both happen in one
+    transaction, so a row is never deleted before the checkpoint that covers it is stored.
+    Returns the number of rows pruned.
+    """
     statement = sqlite_insert(table).values(name=name, seq=seq)
     statement = statement.on_conflict_do_update(
         index_elements=[table.c.name],
@@ -39,6 +62,7 @@ def store_checkpoint(engine: Engine, table: Table, name: str, seq: int) -> None:
     )
     with engine.begin() as connection:
         connection.execute(statement)
+        return prune(connection, after_seq, seq) if prune is not None else 0
 
 
 async def run_relay(
@@ -50,16 +74,24 @@ async def run_relay(
     ids: dict[str, Any],
     retry_base_seconds: float = 0.2,
     retry_max_seconds: float = 10.0,
+    trim: Callable[[], Awaitable[int]] | None = None,
+    trim_interval_seconds: float = 5.0,
 ) -> None:
     """Call `relay_once` until `stop` is set, sleeping when a round moved less than a full batch.
 
-    `relay_once` relays one batch and returns how many rows it moved past. A failed round is
-    logged and retried with backoff.
+    `relay_once` relays one batch and returns how many rows it moved past. `trim`, when given,
+    runs after a round at most once per `trim_interval_seconds`. A failed round or trim is logged
+    and retried with backoff. A stop request lets the round in progress finish, so the rows it
+    appended get their checkpoint.
     """
     failures = 0
+    next_trim = time.monotonic()
     while not stop.is_set():
         try:
             relayed = await relay_once()
+            if trim is not None and time.monotonic() >= next_trim:
+                next_trim = time.monotonic() + trim_interval_seconds
+                await _trim_logging_errors(trim, ids)
         except RETRYABLE_ERRORS as error:
             failures += 1
             delay = backoff_seconds(failures, base=retry_base_seconds, maximum=retry_max_seconds)
@@ -81,3 +113,17 @@ async def run_relay(
             failures = 0
         if relayed < batch_size:
             await sleep_unless_stopped(stop, poll_interval_seconds)
+
+
+async def _trim_logging_errors(trim: Callable[[], Awaitable[int]], ids: dict[str, Any]) -> None:
+    """Run `trim`, logging an unexpected error instead of stopping the relay.
+
+    Trimming only bounds the stream's length, so a failed trim must not stop the relaying; the
+    next interval tries again. Redis being down is raised, for the relay's own retry.
+    """
+    try:
+        await trim()
+    except RETRYABLE_ERRORS:
+        raise
+    except Exception:
+        log.exception("stream trim failed; trying again at the next interval", extra=ids)

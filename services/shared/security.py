@@ -2,12 +2,14 @@
 
 Every service verifies every request itself with `TokenVerifier`; none calls the auth server per
 request. Keys come from a `KeySource`. `JWKSClient` fetches and caches the JWKS over HTTP and
-refreshes it on an unknown `kid` at most once per cooldown. `StaticKeySource` serves a fixed key
-set.
+refreshes it on an unknown `kid` at most once per cooldown, and fails closed once its cached keys
+are older than a configured limit. `StaticKeySource` serves a fixed key set.
 """
 
 import asyncio
+import contextlib
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,8 +18,9 @@ from typing import Any, Protocol
 import httpx
 import jwt
 from jwt.algorithms import RSAAlgorithm
+from prometheus_client import Counter, Gauge
 
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,32 @@ ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "exp", "iat", "jti")
 MAX_KID_LENGTH = 128
+# A `kid` is only ever a dictionary key. Limiting it to base64, base64url and dotted-id characters
+# turns a path or SQL fragment into a plain 401 without a JWKS fetch.
+KID_PATTERN = re.compile(rf"[A-Za-z0-9._~+/=-]{{1,{MAX_KID_LENGTH}}}")
+# Our tokens are about 1 KiB; anything far larger is rejected before it is decoded.
+MAX_TOKEN_LENGTH = 8192
+# How long a verifier keeps using cached keys while the JWKS cannot be fetched, in seconds.
+DEFAULT_JWKS_MAX_STALE_SECONDS = 900.0
+
+JWKS_REFRESHES = Counter(
+    "ztcqrs_jwks_refreshes_total", "JWKS fetches, by URL and result (success or failure).",
+    ["url", "result"],
+)
+JWKS_UNKNOWN_KIDS = Counter(
+    "ztcqrs_jwks_unknown_kid_total", "Tokens whose `kid` was not in the cached JWKS.", ["url"]
+)
+JWKS_STALE = Gauge(
+    "ztcqrs_jwks_stale",
+    "1 while the last JWKS fetch failed and cached keys are in use, else 0.",
+    ["url"],
+)
+JWKS_LAST_SUCCESS = Gauge(
+    "ztcqrs_jwks_last_success_timestamp_seconds",
+    "Unix time of the last successful JWKS fetch; the cached keys' age is time() minus this.",
+    ["url"],
+)
+JWKS_KEYS = Gauge("ztcqrs_jwks_keys", "Keys in the cached JWKS.", ["url"])
 
 
 @dataclass(frozen=True)
@@ -59,9 +88,12 @@ class KeySource(Protocol):
         """Return the public key for `kid`, or None when no published key has that id."""
 
 
-def _keys_from_jwks(jwks: Mapping[str, Any]) -> dict[str, Any]:
+def _keys_from_jwks(jwks: Any) -> dict[str, Any]:
+    """Return the usable RS256 keys of a JWKS by `kid`; raise ValueError for a non-JWKS."""
+    if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list):
+        raise ValueError("the document is not a JWKS: it has no `keys` list")
     keys: dict[str, Any] = {}
-    for jwk in jwks.get("keys", []):
+    for jwk in jwks["keys"]:
         if (
             not isinstance(jwk, dict)
             or jwk.get("kty") != "RSA"
@@ -70,7 +102,10 @@ def _keys_from_jwks(jwks: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if jwk.get("use", "sig") != "sig" or jwk.get("alg", "RS256") not in ALLOWED_ALGORITHMS:
             continue
-        keys[jwk["kid"]] = RSAAlgorithm.from_jwk(jwk)
+        try:
+            keys[jwk["kid"]] = RSAAlgorithm.from_jwk(jwk)
+        except jwt.InvalidKeyError:
+            log.warning("JWKS key is not a valid RSA key; skipping it", extra={"kid": jwk["kid"]})
     return keys
 
 
@@ -87,10 +122,12 @@ class StaticKeySource:
 class JWKSClient:
     """Key source that fetches the JWKS over HTTP and caches it.
 
-    The cache is refreshed when it is older than `refresh_seconds`, and on an unknown `kid` at most
-    once per `min_refresh_seconds`, so a flood of tokens with made-up key ids cannot turn into a
-    flood of requests to the auth server. While the auth server is unreachable, cached keys stay in
-    use.
+    A cache older than `refresh_seconds` is refreshed in the background while its keys stay in
+    use. An unknown `kid` triggers a fetch at most once per `min_refresh_seconds`, however many
+    unknown ids arrive, so tokens with made-up key ids cannot flood the auth server. While the
+    JWKS cannot be fetched the cached keys stay in use for `max_stale_seconds` after the last
+    successful fetch; after that every lookup raises `Unavailable` (fail closed) until a fetch
+    succeeds again. `max_stale_seconds=0` keeps cached keys without a time limit.
     """
 
     def __init__(
@@ -100,25 +137,59 @@ class JWKSClient:
         refresh_seconds: float = 300.0,
         min_refresh_seconds: float = 10.0,
         timeout_seconds: float = 3.0,
+        max_stale_seconds: float = DEFAULT_JWKS_MAX_STALE_SECONDS,
     ) -> None:
         self.url = url
         self.refresh_seconds = refresh_seconds
         self.min_refresh_seconds = min_refresh_seconds
-        self._client = httpx.AsyncClient(timeout=timeout_seconds)
+        self.max_stale_seconds = max_stale_seconds
+        self._client = httpx.AsyncClient(timeout=timeout_seconds, trust_env=False)
         self._keys: dict[str, Any] = {}
-        self._fetched_at = 0.0
+        self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     @property
     def loaded(self) -> bool:
         return bool(self._keys)
 
+    @property
+    def age_seconds(self) -> float:
+        """Seconds since the last successful fetch; infinite before the first one."""
+        return time.monotonic() - self._fetched_at
+
+    @property
+    def expired(self) -> bool:
+        """True when the cached keys are older than `max_stale_seconds` and no longer used."""
+        return self.max_stale_seconds > 0 and self.age_seconds > self.max_stale_seconds
+
     async def get_key(self, kid: str) -> Any | None:
-        stale = time.monotonic() - self._fetched_at > self.refresh_seconds
-        if kid not in self._keys or stale:
+        """Return the public key for `kid`, or None; raise `Unavailable` when the cache expired."""
+        if kid not in self._keys:
+            JWKS_UNKNOWN_KIDS.labels(self.url).inc()
             await self.refresh(force=False)
+        await self.ensure_usable()
         return self._keys.get(kid)
+
+    async def ensure_usable(self) -> None:
+        """Start a refresh when the cache is due, and raise `Unavailable` when it expired.
+
+        A due cache keeps serving while a background task refreshes it. An expired cache is
+        refreshed first (at most once per cooldown), so a verifier that was idle for longer than
+        `max_stale_seconds` does not reject the first request after the pause.
+        """
+        if self.age_seconds > self.refresh_seconds:
+            if self.expired:
+                await self.refresh(force=False)
+            else:
+                self._refresh_in_background()
+        if self.expired:
+            raise Unavailable(
+                f"The signing keys from {self.url} are {self.age_seconds:.0f} s old, beyond the "
+                f"limit of {self.max_stale_seconds:.0f} s, and the JWKS cannot be fetched; "
+                "retry once the auth server is reachable."
+            )
 
     async def refresh(self, *, force: bool = True) -> None:
         """Fetch the JWKS now, unless another fetch ran within the cooldown and `force` is False."""
@@ -132,20 +203,39 @@ class JWKSClient:
                 response.raise_for_status()
                 keys = _keys_from_jwks(response.json())
             except (httpx.HTTPError, ValueError) as error:
+                JWKS_REFRESHES.labels(self.url, "failure").inc()
+                JWKS_STALE.labels(self.url).set(1 if self._keys else 0)
                 log.warning(
                     "JWKS fetch failed; verifying with cached keys",
                     extra={
                         "jwks_url": self.url,
-                        "error": str(error),
+                        "error": str(error) or type(error).__name__,
                         "cached_keys": len(self._keys),
+                        "cache_age_s": round(self.age_seconds, 1) if self._keys else None,
+                        "max_stale_s": self.max_stale_seconds,
                     },
                 )
                 return
             self._keys = keys
             self._fetched_at = now
+            JWKS_REFRESHES.labels(self.url, "success").inc()
+            JWKS_STALE.labels(self.url).set(0)
+            JWKS_LAST_SUCCESS.labels(self.url).set(time.time())
+            JWKS_KEYS.labels(self.url).set(len(keys))
             log.info("JWKS refreshed", extra={"jwks_url": self.url, "kids": sorted(keys)})
 
+    def _refresh_in_background(self) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(
+                self.refresh(force=False), name="jwks-refresh"
+            )
+
     async def aclose(self) -> None:
+        task, self._background = self._background, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._client.aclose()
 
 
@@ -165,7 +255,10 @@ class TokenVerifier:
         self.leeway_seconds = leeway_seconds
 
     async def verify(self, token: str) -> Principal:
-        """Return the principal of a valid token, or raise `Unauthorized` saying why it is not."""
+        """Return the principal of a valid token, or raise `Unauthorized` saying why it is not.
+
+        Raises `Unavailable` when the key source cannot vouch for any key (keys too old).
+        """
         kid, algorithm = self._check_header(token)
         key = await self.keys.get_key(kid)
         if key is None:
@@ -187,6 +280,10 @@ class TokenVerifier:
         return self._principal(claims)
 
     def _check_header(self, token: str) -> tuple[str, str]:
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise Unauthorized(
+                f"The token has {len(token)} characters, more than the limit of {MAX_TOKEN_LENGTH}."
+            )
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as error:
@@ -206,7 +303,7 @@ class TokenVerifier:
         if "crit" in header:
             raise Unauthorized("The token has critical header extensions, which are not supported.")
         kid = header.get("kid")
-        if not isinstance(kid, str) or not kid or len(kid) > MAX_KID_LENGTH:
+        if not isinstance(kid, str) or not KID_PATTERN.fullmatch(kid):
             raise Unauthorized("The token's `kid` header is missing or invalid.")
         return kid, algorithm
 

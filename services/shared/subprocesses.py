@@ -11,7 +11,8 @@ def die_with_parent() -> None:
     """Ask Linux to send SIGTERM to this process when its parent dies; a no-op elsewhere.
 
     Meant as `preexec_fn` of `subprocess.Popen`, so a runner killed without cleaning up still takes
-    its children down with it.
+    its children down with it. Linux sends the signal when the thread that started the child exits,
+    not the process, so start children from a long-lived thread.
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)

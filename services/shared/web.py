@@ -1,10 +1,11 @@
 """Pieces every FastAPI service mounts: request ids, one log line per request, JSON errors, token
-dependencies, `/healthz`, `/readyz` and `/metrics`."""
+dependencies with revocation checks, `/healthz`, `/readyz` and `/metrics`."""
 
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis.exceptions
@@ -17,7 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ServiceError, Unauthorized, Unavailable
 from .logs import request_id_var
+from .revocation import RevocationList
 from .security import Principal, TokenVerifier, bearer_token
+from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ztcqrs.access")
@@ -140,8 +143,13 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=getattr(error, "headers", None),
         )
 
+    # A Redis that hangs instead of refusing connections raises TimeoutError after the socket
+    # timeout; both mean the dependency is down, not that the request was wrong.
+    @app.exception_handler(redis.exceptions.TimeoutError)
     @app.exception_handler(redis.exceptions.ConnectionError)
-    async def redis_down(request: Request, error: redis.exceptions.ConnectionError) -> JSONResponse:
+    async def redis_down(
+        request: Request, error: redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+    ) -> JSONResponse:
         log.error("Redis unavailable", extra={"path": request.url.path, "error": str(error)})
         body = Unavailable("Redis is unavailable; retry shortly.").to_body()
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
@@ -184,9 +192,13 @@ def verifier_of(request: Request) -> TokenVerifier:
 
 
 async def authenticate(request: Request) -> Principal:
-    """Verify the request's bearer token; raise 401 when it is missing or invalid."""
+    """Verify the request's bearer token; raise 401 when it is missing, invalid or revoked."""
     token = bearer_token(request.headers.get("authorization"))
-    return await verifier_of(request).verify(token)
+    principal = await verifier_of(request).verify(token)
+    revocations: RevocationList | None = getattr(request.app.state, "revocations", None)
+    if revocations is not None:
+        revocations.check(principal)
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
@@ -202,7 +214,40 @@ def require_scope(*scopes: str) -> Callable[..., Awaitable[Principal]]:
     return dependency
 
 
+def install_revocation_list(app: FastAPI, revocations: RevocationList) -> None:
+    """Make `authenticate` reject revoked tokens, and tail the revocation stream while `app` runs.
+
+    The app's own lifespan runs inside the list's, so the list is in step before the first request
+    and stops after the app's shutdown.
+    """
+    app.state.revocations = revocations
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(running: Any) -> AsyncIterator[Any]:
+        await revocations.start()
+        try:
+            async with inner(running) as state:
+                yield state
+        finally:
+            await revocations.stop()
+
+    app.router.lifespan_context = lifespan
+
+
 def install_common(app: FastAPI, *, service: str, checks: dict[str, ReadinessCheck]) -> None:
+    """Mount the error handlers, probes and request middleware; an app that verifies tokens
+    (`app.state.verifier` is set) also gets a revocation list on the shared Redis."""
     install_error_handlers(app)
     install_health_routes(app, checks)
     app.add_middleware(RequestContextMiddleware, service=service)
+    if getattr(app.state, "verifier", None) is not None and not hasattr(app.state, "revocations"):
+        settings = getattr(app.state, "settings", None)
+        if not isinstance(settings, ServiceSettings):
+            # The shared variables (REDIS_URL, ZTCQRS_TOKEN_LEEWAY_SECONDS) are read from the
+            # environment when the app keeps no settings object of its own.
+            settings = ServiceSettings()
+        install_revocation_list(
+            app,
+            RevocationList(settings.redis_url, leeway_seconds=settings.token_leeway_seconds),
+        )

@@ -15,7 +15,12 @@ import pytest
 
 from tests.conftest import free_port
 
-from .conftest import Platform, wait_for
+from .conftest import EXTERNAL_STACK, LocalStack, wait_for
+
+pytestmark = pytest.mark.skipif(
+    EXTERNAL_STACK,
+    reason="checks the local runner, which an external stack selected by E2E_BASE_URL does not use",
+)
 
 BANNER = "ztcqrs is running"
 
@@ -35,9 +40,11 @@ def runner_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def test_dead_process_restarted(platform: Platform, caplog: pytest.LogCaptureFixture) -> None:
+def test_dead_process_restarted(
+    local_platform: LocalStack, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="ztcqrs.runner")
-    process = platform.runner.processes["projector"]
+    process = local_platform.runner.processes["projector"]
     assert process.popen is not None
     old_pid = process.popen.pid
     restarts = process.restarts

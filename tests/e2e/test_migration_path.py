@@ -1,14 +1,17 @@
 """The migration path through the router, on real processes: routing, replication both ways without
 echo, catch-up after a worker outage, and rules reloaded while the router runs."""
 
+import os
 import sqlite3
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-from .conftest import Platform, wait_for
+from .conftest import LocalStack, Platform, wait_for
 
 ORDER_KEYS = {
     "id",
@@ -34,7 +37,7 @@ def stream_entries(platform: Platform, stream: str, subject: str) -> list[dict[s
         return [fields for _, fields in client.xrange(stream) if fields.get("subject") == subject]
 
 
-def change_log_rows(platform: Platform, order_id: str) -> list[tuple[str, str, int]]:
+def change_log_rows(platform: LocalStack, order_id: str) -> list[tuple[str, str, int]]:
     with sqlite3.connect(platform.data_dir / "monolith.db") as connection:
         return connection.execute(
             "SELECT op, origin, version FROM change_log WHERE table_name = 'orders' AND row_id = ?",
@@ -52,6 +55,15 @@ def monolith_order(platform: Platform, order_id: str, headers: dict[str, str]) -
 def read_model_order(platform: Platform, order_id: str) -> Any:
     with platform.redis() as client:
         return client.hgetall(f"rm:order:{order_id}") or None
+
+
+def replace_rules(path: Path, text: str) -> None:
+    """Write the rules file the way editors do: a new file renamed over the old one."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".rules-", suffix=".yaml")
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(text)
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
 
 
 def test_beta_tester_served_by_cqrs(platform: Platform, alice: dict[str, str]) -> None:
@@ -101,7 +113,6 @@ def test_monolith_order_reaches_cqrs_once(platform: Platform, bob: dict[str, str
     time.sleep(0.5)  # room for an echo to appear, if there were one
     assert len(stream_entries(platform, "cdc.monolith", f"order/{order['id']}")) == 1
     assert stream_entries(platform, "events.cqrs", f"order/{order['id']}") == []
-    assert change_log_rows(platform, order["id"]) == [("insert", "monolith", 1)]
 
 
 def test_cqrs_order_reaches_monolith_once(platform: Platform, alice: dict[str, str]) -> None:
@@ -115,7 +126,21 @@ def test_cqrs_order_reaches_monolith_once(platform: Platform, alice: dict[str, s
     time.sleep(0.5)
     assert len(stream_entries(platform, "events.cqrs", f"order/{order['id']}")) == 1
     assert stream_entries(platform, "cdc.monolith", f"order/{order['id']}") == []
-    assert change_log_rows(platform, order["id"]) == [("insert", "cqrs", 1)]
+
+
+def test_change_log_records_origin(
+    local_platform: LocalStack, alice: dict[str, str], bob: dict[str, str]
+) -> None:
+    monolith_side = create_order(local_platform, bob).json()
+    cqrs_side = create_order(local_platform, alice).json()
+    wait_for(
+        lambda: monolith_order(local_platform, cqrs_side["id"], alice),
+        what="the CQRS order in the monolith",
+    )
+
+    time.sleep(0.5)  # room for an echo to appear, if there were one
+    assert change_log_rows(local_platform, monolith_side["id"]) == [("insert", "monolith", 1)]
+    assert change_log_rows(local_platform, cqrs_side["id"]) == [("insert", "cqrs", 1)]
 
 
 def test_state_change_syncs_both_ways(
@@ -140,53 +165,58 @@ def test_state_change_syncs_both_ways(
     )
 
 
-def test_workers_catch_up_after_outage(platform: Platform, bob: dict[str, str]) -> None:
+def test_workers_catch_up_after_outage(local_platform: LocalStack, bob: dict[str, str]) -> None:
     workers = ("cdc-ingest", "projector")
     for name in workers:
-        platform.runner.stop_process(name)
+        local_platform.runner.stop_process(name)
     try:
-        order = create_order(platform, bob).json()
+        order = create_order(local_platform, bob).json()
         wait_for(
-            lambda: stream_entries(platform, "cdc.monolith", f"order/{order['id']}"),
+            lambda: stream_entries(local_platform, "cdc.monolith", f"order/{order['id']}"),
             what="the order on cdc.monolith",
         )
         time.sleep(0.3)
-        assert read_model_order(platform, order["id"]) is None
+        assert read_model_order(local_platform, order["id"]) is None
     finally:
         for name in workers:
-            platform.runner.start_process(name)
+            local_platform.runner.start_process(name)
     wait_for(
-        lambda: read_model_order(platform, order["id"]),
+        lambda: read_model_order(local_platform, order["id"]),
         what="the order appended during the outage to be projected",
     )
 
 
 def test_rules_reload_changes_routing(platform: Platform, bob: dict[str, str]) -> None:
-    original = platform.rules_file.read_text()
+    rules_file = platform.rules_file
+    original = rules_file.read_text()
     rules = yaml.safe_load(original)
     canary = next(rule for rule in rules["rules"] if rule["name"] == "canary")
     canary["split"]["percent"] = 100
+    admin = {"Authorization": f"Bearer {platform.client_token('ztcqrs-admin', 'dev-admin-secret')}"}
+
+    def gray_status() -> Any:
+        return httpx.get(f"{platform.url('router')}/_gray/status", headers=admin, timeout=5).json()
+
     try:
-        platform.rules_file.write_text(yaml.safe_dump(rules))
+        replace_rules(rules_file, yaml.safe_dump(rules))
         wait_for(
             lambda: create_order(platform, bob).headers.get("X-Gray-Target") == "cqrs",
             what="bob to move to the CQRS side after the percentage change",
         )
 
-        platform.rules_file.write_text("rules: [this is not a rule\n")
-        time.sleep(1.0)
+        # last_error keeps the latest failure, so a new one shows as a new time.
+        failed_before = gray_status()["last_error_at"]
+        replace_rules(rules_file, "rules: [this is not a rule\n")
+        wait_for(
+            lambda: gray_status()["last_error_at"] != failed_before,
+            what="the router to reject the bad rules",
+        )
         response = create_order(platform, bob)
         assert response.headers["X-Gray-Target"] == "cqrs"
         assert response.headers["X-Gray-Rule"] == "canary"
-        admin = platform.client_token("ztcqrs-admin", "dev-admin-secret")
-        status = httpx.get(
-            f"{platform.url('router')}/_gray/status",
-            headers={"Authorization": f"Bearer {admin}"},
-            timeout=5,
-        ).json()
-        assert status["last_error"]
+        assert gray_status()["last_error"]
     finally:
-        platform.rules_file.write_text(original)
+        replace_rules(rules_file, original)
     wait_for(
         lambda: create_order(platform, bob).headers.get("X-Gray-Target") == "monolith",
         what="bob to return to the monolith",

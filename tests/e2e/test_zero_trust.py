@@ -18,7 +18,7 @@ from .conftest import Platform
 def platform_claims(platform: Platform, **overrides: Any) -> dict[str, Any]:
     now = int(time.time())
     claims: dict[str, Any] = {
-        "iss": platform.url("auth"),
+        "iss": platform.issuer,
         "aud": "ztcqrs-api",
         "sub": "bob",
         "username": "bob",
@@ -34,8 +34,7 @@ def platform_claims(platform: Platform, **overrides: Any) -> dict[str, Any]:
 
 def sign_with_platform_key(platform: Platform, claims: dict[str, Any]) -> str:
     """Sign with the platform's own development key, so only the claims make the token bad."""
-    pem = (platform.data_dir / "keys" / "signing-key.pem").read_bytes()
-    key = serialization.load_pem_private_key(pem, password=None)
+    key = serialization.load_pem_private_key(platform.signing_key_pem(), password=None)
     kid = httpx.get(f"{platform.url('auth')}/.well-known/jwks.json", timeout=5).json()["keys"][0][
         "kid"
     ]

@@ -9,10 +9,17 @@ import logging
 
 import redis.asyncio as redis
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from services.shared.events import Event
 from services.shared.names import CDC_STREAM, INGEST_GROUP, ORIGIN_MONOLITH
-from services.shared.streams import ConsumerOptions, PermanentFailure, StreamConsumer, connect
+from services.shared.streams import (
+    ConsumerOptions,
+    PermanentFailure,
+    StreamConsumer,
+    TransientFailure,
+    connect,
+)
 
 from ..schema import open_write_model
 from ..settings import Settings
@@ -49,6 +56,12 @@ class CdcIngest:
             )
         except InvalidState as error:
             raise PermanentFailure(str(error)) from error
+        except OperationalError as error:
+            # The database file is locked past the busy timeout, unreadable or out of space: the
+            # write model is at fault, not the event, so the try is not counted.
+            raise TransientFailure(
+                f"Writing event {event.id} to the write model failed: {error.orig!r}"
+            ) from error
         log.debug("event ingested", extra={**ids, "decision": decision.value})
 
 

@@ -2,7 +2,7 @@
 
 Delivery is at least once, as `services.shared.relay` describes. Commands
 insert outbox rows under SQLite's single write lock, so rows commit in `seq` order and a row can
-never appear behind the checkpoint.
+never appear behind the checkpoint. Relayed rows are deleted in the checkpoint's transaction.
 """
 
 import asyncio
@@ -10,10 +10,11 @@ import json
 import logging
 
 import redis.asyncio as redis
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, delete, select
 
 from services.shared import relay
-from services.shared.streams import connect
+from services.shared.names import CQRS_STREAM, STREAM_GROUPS
+from services.shared.streams import connect, trim_acknowledged
 
 from ..schema import open_write_model, outbox, relay_checkpoint
 from ..settings import Settings
@@ -45,6 +46,11 @@ def read_outbox(engine: Engine, after_seq: int, limit: int) -> list[OutboxRow]:
         return [(row.seq, row.stream, json.loads(row.fields)) for row in connection.execute(query)]
 
 
+def prune_outbox(connection: Connection, after_seq: int, up_to_seq: int) -> int:
+    """Delete the outbox rows up to `up_to_seq`, which are on their streams; return the count."""
+    return int(connection.execute(delete(outbox).where(outbox.c.seq <= up_to_seq)).rowcount)
+
+
 async def relay_once(
     engine: Engine, client: "redis.Redis", *, batch_size: int, name: str = CHECKPOINT_NAME
 ) -> int:
@@ -62,10 +68,15 @@ async def relay_once(
             pipe.xadd(stream, fields)  # type: ignore[arg-type]  # dict is invariant
         await pipe.execute()
     last_seq = rows[-1][0]
-    await asyncio.to_thread(relay.store_checkpoint, engine, relay_checkpoint, name, last_seq)
+    pruned = await asyncio.to_thread(
+        lambda: relay.store_checkpoint(
+            engine, relay_checkpoint, name, last_seq, prune=prune_outbox, after_seq=checkpoint
+        )
+    )
     log.debug(
         "outbox rows relayed",
-        extra={"count": len(rows), "first_seq": rows[0][0], "last_seq": last_seq},
+        extra={"count": len(rows), "first_seq": rows[0][0], "last_seq": last_seq,
+               "pruned": pruned},
     )
     return len(rows)
 
@@ -83,6 +94,13 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             batch_size=settings.relay_batch_size,
             poll_interval_seconds=settings.relay_poll_interval_seconds,
             ids=ids,
+            retry_base_seconds=settings.retry_base_seconds,
+            retry_max_seconds=settings.retry_max_seconds,
+            trim=lambda: trim_acknowledged(
+                client, CQRS_STREAM, STREAM_GROUPS[CQRS_STREAM],
+                retention_seconds=settings.relay_stream_retention_seconds,
+            ),
+            trim_interval_seconds=settings.relay_trim_interval_seconds,
         )
     finally:
         await client.aclose()

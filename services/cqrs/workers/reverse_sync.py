@@ -6,9 +6,10 @@ token from the client-credentials grant. Other events are acknowledged without a
 nothing that came from the monolith is sent back to it. The monolith applies the state by version,
 so a repeated PUT is harmless.
 
-Retried with backoff by the consumer: connection errors, timeouts, 5xx, 408, 429 and a 401 that a
-new token did not fix. Dead-lettered at once: any other 4xx, because resending the same state cannot
-change the response.
+Connection errors, timeouts, 5xx, 408, 429 and a 401 that a new token did not fix are retried with
+jittered backoff for as long as they last. They count no try, because the monolith or the auth
+server is unavailable rather than the event at fault. Any other 4xx is dead-lettered at once with
+the monolith's answer, because resending the same state cannot change the response.
 """
 
 import asyncio
@@ -23,7 +24,13 @@ from pydantic import SecretStr
 
 from services.shared.events import Event
 from services.shared.names import CQRS_STREAM, ORIGIN_CQRS, REVERSE_SYNC_GROUP
-from services.shared.streams import ConsumerOptions, PermanentFailure, StreamConsumer, connect
+from services.shared.streams import (
+    ConsumerOptions,
+    PermanentFailure,
+    StreamConsumer,
+    TransientFailure,
+    connect,
+)
 
 from ..settings import Settings
 from ..states import ORDER
@@ -39,7 +46,7 @@ RETRYABLE_CLIENT_ERRORS = frozenset({408, 429})
 MAX_BODY_IN_ERROR = 500
 
 
-class SyncFailed(Exception):
+class SyncFailed(TransientFailure):
     """A sync request failed in a way that a later retry may fix."""
 
 

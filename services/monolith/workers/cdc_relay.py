@@ -4,6 +4,10 @@ Rows of origin `cqrs` were written by the sync API and are not published, so no 
 to the CQRS side. The checkpoint still moves past them. SQLite has one writer at a time and a
 transaction keeps the write lock until it commits, so rows become visible in `seq` order: a reader
 never sees seq n+1 while seq n is still uncommitted, and no row can appear behind the checkpoint.
+
+Relayed rows are pruned with the checkpoint, except each id's row with the highest version, which
+the triggers need (see `services.monolith.schema`). The change log therefore holds about one row
+per id plus the rows not yet relayed.
 """
 
 import asyncio
@@ -12,12 +16,12 @@ import json
 import logging
 
 import redis.asyncio as aioredis
-from sqlalchemy import Engine, RowMapping, select
+from sqlalchemy import Connection, Engine, RowMapping, select, text
 
 from services.shared import relay
 from services.shared.events import Event
-from services.shared.names import CDC_STREAM, ORIGIN_MONOLITH
-from services.shared.streams import connect
+from services.shared.names import CDC_STREAM, ORIGIN_MONOLITH, STREAM_GROUPS
+from services.shared.streams import connect, trim_acknowledged
 
 from ..schema import change_log, open_database, relay_checkpoint
 from ..settings import Settings
@@ -65,6 +69,33 @@ def _read_batch(engine: Engine, batch_size: int) -> list[RowMapping]:
         return list(connection.execute(query).mappings())
 
 
+# Deletes the relayed rows of the ids that the new rows touched, except each id's row with the
+# highest version (the latest such row when versions tie), which the triggers read. Limiting it to
+# those ids keeps each prune proportional to the batch, not to the whole log.
+_PRUNE_SQL = text(
+    """
+    DELETE FROM change_log
+    WHERE seq <= :up_to_seq
+      AND (table_name, row_id) IN (
+          SELECT table_name, row_id FROM change_log WHERE seq > :after_seq AND seq <= :up_to_seq
+      )
+      AND EXISTS (
+          SELECT 1 FROM change_log AS newer
+          WHERE newer.table_name = change_log.table_name
+            AND newer.row_id = change_log.row_id
+            AND (newer.version > change_log.version
+                 OR (newer.version = change_log.version AND newer.seq > change_log.seq))
+      )
+    """
+)
+
+
+def prune_change_log(connection: Connection, after_seq: int, up_to_seq: int) -> int:
+    """Delete superseded change-log rows up to `up_to_seq`; return how many were deleted."""
+    result = connection.execute(_PRUNE_SQL, {"after_seq": after_seq, "up_to_seq": up_to_seq})
+    return int(result.rowcount)
+
+
 async def relay_once(engine: Engine, client: "aioredis.Redis", *, batch_size: int) -> int:
     """Publish one batch after the checkpoint, then store the checkpoint.
 
@@ -81,8 +112,11 @@ async def relay_once(engine: Engine, client: "aioredis.Redis", *, batch_size: in
                 pipe.xadd(CDC_STREAM, event.to_fields())  # type: ignore[arg-type]
             await pipe.execute()
     last_seq = int(rows[-1]["seq"])
-    await asyncio.to_thread(
-        relay.store_checkpoint, engine, relay_checkpoint, CHECKPOINT_NAME, last_seq
+    pruned = await asyncio.to_thread(
+        lambda: relay.store_checkpoint(
+            engine, relay_checkpoint, CHECKPOINT_NAME, last_seq, prune=prune_change_log,
+            after_seq=int(rows[0]["seq"]) - 1,
+        )
     )
     log.debug(
         "change-log batch relayed",
@@ -91,6 +125,7 @@ async def relay_once(engine: Engine, client: "aioredis.Redis", *, batch_size: in
             "last_seq": last_seq,
             "published": len(events),
             "skipped": len(rows) - len(events),
+            "pruned": pruned,
             "stream": CDC_STREAM,
         },
     )
@@ -117,6 +152,11 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             ids=ids,
             retry_base_seconds=settings.relay_retry_base_seconds,
             retry_max_seconds=settings.relay_retry_max_seconds,
+            trim=lambda: trim_acknowledged(
+                client, CDC_STREAM, STREAM_GROUPS[CDC_STREAM],
+                retention_seconds=settings.relay_stream_retention_seconds,
+            ),
+            trim_interval_seconds=settings.relay_trim_interval_seconds,
         )
     finally:
         await client.aclose()
