@@ -230,6 +230,7 @@ def create_app(settings: Settings, *, key_source: KeySource | None = None) -> Fa
             settings.jwks_url,
             refresh_seconds=settings.jwks_refresh_seconds,
             min_refresh_seconds=settings.jwks_min_refresh_seconds,
+            max_stale_seconds=settings.jwks_max_stale_seconds,
         )
         key_source = jwks_client
     resources = Resources(

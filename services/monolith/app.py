@@ -52,6 +52,7 @@ def create_app(settings: Settings, *, key_source: KeySource | None = None) -> Fa
             settings.jwks_url,
             refresh_seconds=settings.jwks_refresh_seconds,
             min_refresh_seconds=settings.jwks_min_refresh_seconds,
+            max_stale_seconds=settings.jwks_max_stale_seconds,
         )
     jwks_client = key_source if isinstance(key_source, JWKSClient) else None
     engine = open_database(settings, seed=settings.development)

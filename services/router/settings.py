@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from services.shared.security import DEFAULT_JWKS_MAX_STALE_SECONDS
 from services.shared.settings import ServiceSettings
 
 MIB = 1024 * 1024
@@ -51,9 +50,6 @@ class Settings(ServiceSettings):
     # peers are X-Forwarded-For, -Proto and -Host kept, and the client address taken from
     # X-Forwarded-For. Comma-separated or a JSON array; empty trusts no one.
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # How long cached signing keys stay in use while the JWKS cannot be fetched, in seconds,
-    # after which tokens get 503. 0 keeps them without a limit.
-    jwks_max_stale_seconds: float = Field(DEFAULT_JWKS_MAX_STALE_SECONDS, ge=0)
     # Requests get 503 once the revocation list has not been read from Redis for this many
     # seconds. 0 keeps serving with the revoked ids already known.
     revocation_max_stale_seconds: float = Field(0.0, ge=0)

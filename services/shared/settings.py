@@ -58,6 +58,11 @@ class ServiceSettings(BaseSettings):
     jwks_min_refresh_seconds: float = Field(
         10.0, ge=0, validation_alias=_env("ZTCQRS_JWKS_MIN_REFRESH_SECONDS")
     )
+    # How long cached signing keys stay in use while the JWKS cannot be fetched, in seconds,
+    # after which authenticated requests get 503. 0 keeps them without a limit.
+    jwks_max_stale_seconds: float = Field(
+        900.0, ge=0, validation_alias=_env("ZTCQRS_JWKS_MAX_STALE_SECONDS")
+    )
 
     @property
     def development(self) -> bool:

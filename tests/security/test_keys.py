@@ -189,7 +189,7 @@ def test_jwks_outage_bounded(auth_server: AuthServer, tmp_path: Path) -> None:
     max_stale = 4.0
     with recording_router(
         auth_server.env, tmp_path / "router",
-        ROUTER_JWKS_MAX_STALE_SECONDS=str(max_stale),
+        ZTCQRS_JWKS_MAX_STALE_SECONDS=str(max_stale),
         ZTCQRS_JWKS_REFRESH_SECONDS="0.5",
         ZTCQRS_JWKS_MIN_REFRESH_SECONDS="0.5",
     ) as router:
