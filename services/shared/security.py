@@ -287,7 +287,11 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as error:
-            raise Unauthorized(f"The token is malformed: {error}.") from error
+            # PyJWT's text names decoder internals (codecs, byte offsets) that help no client.
+            raise Unauthorized(
+                "The token is not a well-formed JWT; send the access token exactly as the auth "
+                "server issued it."
+            ) from error
         algorithm = header.get("alg")
         if algorithm not in ALLOWED_ALGORITHMS:
             raise Unauthorized(

@@ -4,7 +4,7 @@ dependencies with revocation checks, `/healthz`, `/readyz` and `/metrics`."""
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -99,6 +99,25 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+def _problem(item: Mapping[str, Any]) -> dict[str, str]:
+    """Describe one validation error as a field path and a message a client can act on."""
+    kind = item.get("type")
+    location = tuple(item.get("loc", ()))
+    if kind == "json_invalid":
+        position = location[1] if len(location) > 1 else "?"
+        reason = item.get("ctx", {}).get("error", "invalid JSON")
+        return {
+            "field": "body",
+            "message": f"is not valid JSON ({reason} at character {position}); send a JSON object",
+        }
+    if location == ("body",) and kind in ("model_attributes_type", "dict_type", "missing"):
+        return {
+            "field": "body",
+            "message": "must be a JSON object sent with Content-Type: application/json",
+        }
+    return {"field": _field_path(location), "message": str(item.get("msg", ""))}
+
+
 def _field_path(location: tuple[Any, ...] | list[Any]) -> str:
     parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
@@ -118,10 +137,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = [
-            {"field": _field_path(item.get("loc", ())), "message": str(item.get("msg", ""))}
-            for item in error.errors()
-        ]
+        problems = [_problem(item) for item in error.errors()]
         first = problems[0] if problems else {"field": "body", "message": "invalid request"}
         body = {
             "error": "validation_failed",
@@ -137,6 +153,11 @@ def install_error_handlers(app: FastAPI) -> None:
         message = error.detail if isinstance(error.detail, str) else "The request failed."
         if error.status_code == 404 and message == "Not Found":
             message = f"No route matches {request.method} {request.url.path}."
+        allowed = (error.headers or {}).get("Allow")
+        if error.status_code == 405 and allowed:
+            message = (
+                f"Method {request.method} is not allowed on {request.url.path}; use {allowed}."
+            )
         return JSONResponse(
             {"error": code, "message": message},
             status_code=error.status_code,

@@ -67,16 +67,22 @@ def call(platform: Platform, target: Target) -> Callable[..., httpx.Response]:
         body: Any = None,
         token: str | None = None,
         consistency: str | None = None,
+        raw: bytes | None = None,
         **values: str,
     ) -> httpx.Response:
         headers = {}
+        if raw is not None:
+            headers["Content-Type"] = "application/json"
         if consistency:
             headers["X-Consistency-Token"] = consistency
         bearer = token if token is not None else tokens[user or target.user]
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
         url = target.base_url + target.path(method, template, **values)
-        response = httpx.request(method, url, json=body, headers=headers, timeout=10)
+        if raw is not None:
+            response = httpx.request(method, url, content=raw, headers=headers, timeout=10)
+        else:
+            response = httpx.request(method, url, json=body, headers=headers, timeout=10)
         if target.name.startswith("router-") and bearer and user in (None, target.user):
             assert response.headers["X-Gray-Target"] == target.name.removeprefix("router-")
         return response
@@ -192,3 +198,17 @@ def test_products_listed(call: Callable[..., httpx.Response]) -> None:
     assert response.status_code == 200
     ids = {product["id"] for product in response.json()["products"]}
     assert {"prod-keyboard", "prod-mouse", "prod-cable"} <= ids
+
+
+
+@pytest.mark.parametrize(
+    ("raw", "hint"),
+    [(b'{"items": [', "not valid JSON"), (b'"an order"', "must be a JSON object")],
+)
+def test_malformed_body_names_body(
+    call: Callable[..., httpx.Response], raw: bytes, hint: str
+) -> None:
+    response = call("POST", "/orders", raw=raw)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "body"
+    assert hint in response.json()["message"]

@@ -2,6 +2,7 @@
 when the rules load, the last good rules stay in force, and a plain CEL condition works."""
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,12 +43,19 @@ PAYLOADS = [
 ]
 
 
+
+def replace_file(path: Path, content: bytes) -> None:
+    """Replace `path` by rename, so the polling router never reads a half-written file."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_bytes(content)
+    os.replace(staging, path)
+
 @pytest.fixture
 def rules(attack_router: RecordingRouter) -> Iterator[Path]:
     """The attack router's rules file, put back as it was after the test."""
     original = attack_router.rules_file.read_bytes()
     yield attack_router.rules_file
-    attack_router.rules_file.write_bytes(original)
+    replace_file(attack_router.rules_file, original)
     time.sleep(0.6)
 
 
@@ -81,7 +89,7 @@ def test_expression_payload_rejected(
     payload: str,
 ) -> None:
     before = status(attack_router, security_platform)
-    rules.write_text(RULES.format(expr=json.dumps(payload)))
+    replace_file(rules, RULES.format(expr=json.dumps(payload)).encode())
 
     after = wait_for_status(
         attack_router, security_platform, lambda body: body["last_error"] != before["last_error"]
@@ -107,7 +115,7 @@ def test_expression_condition_routes(
     rules: Path,
 ) -> None:
     expr = '"x-side" in headers && headers["x-side"].exists(v, v == "cqrs") && claims.sub == "bob"'
-    rules.write_text(RULES.format(expr=json.dumps(expr)))
+    replace_file(rules, RULES.format(expr=json.dumps(expr)).encode())
     wait_for_status(
         attack_router, security_platform, lambda body: body["rules"] == ["expression", "default"]
     )
