@@ -9,9 +9,11 @@ from tests.chart.policy import Endpoint
 
 # (client, server, port) for every connection between the platform's pods. Every token verifier
 # (router, monolith, CQRS service) fetches the JWKS from the auth server and reads the token
-# revocation list from Redis. The reverse-sync worker gets a service token from the auth server
-# and calls the monolith's internal sync API.
+# revocation list from Redis. The auth server writes that list and counts failed sign-ins in
+# Redis. The reverse-sync worker gets a service token from the auth server and calls the
+# monolith's internal sync API.
 PROCESS_FLOWS = {
+    ("auth", "redis", 6379),
     ("router", "monolith", 8001),
     ("router", "cqrs", 8002),
     ("router", "auth", 8000),
@@ -32,9 +34,9 @@ RECONCILE_FLOWS = {
     ("reconcile", "auth", 8000),
     ("reconcile", "redis", 6379),
 }
-REDIS_CLIENTS = {"router", "monolith", "cqrs", "projector", "reverse-sync"}
+REDIS_CLIENTS = {"auth", "router", "monolith", "cqrs", "projector", "reverse-sync"}
 # Pods that open no connections at all, so not even DNS.
-SILENT = {"auth", "redis"}
+SILENT = {"redis"}
 PUBLIC_ENTRY_POINTS = {("router", 8080), ("auth", 8000)}
 
 KUBE_DNS = Endpoint("kube-dns", "kube-system", {"k8s-app": "kube-dns"}, ports={"dns": 53})
@@ -124,4 +126,4 @@ def test_flow_check_reports_extra_flow() -> None:
 
     extra = policy.allowed_flows(objects) - _expected_flows(set(_pods("default")))
 
-    assert extra == {("auth", "redis", 6379), ("auth", "router", 8080), ("auth", "auth", 8000)}
+    assert extra == {("auth", "router", 8080), ("auth", "auth", 8000)}

@@ -129,7 +129,7 @@ probes. Call with (dict "root" $ "name" "cdc-relay" "repository" "ztcqrs-monolit
 "args" (list "worker" "cdc-relay") "envFrom" "monolith" "resources" {...} and optionally
 "port" 8001 (an API: `http` port and HTTP probes), "probes" ("worker", "sidecar" or "none", for
 containers without a port), "env" and "extraEnv" (lists of env entries), "volumeMounts" (list),
-"noRedis" true (no REDIS_URL, for the auth server, which uses no Redis)).
+"noRedis" true (no REDIS_URL, for a container that uses no Redis)).
 */}}
 {{- define "ztcqrs.container" -}}
 - {{ include "ztcqrs.containerFields" . | indent 2 | trim }}
