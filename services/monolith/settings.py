@@ -1,6 +1,5 @@
 """Settings of the monolith, read from `MONOLITH_*` environment variables."""
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -8,7 +7,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.shared.scopes import REVERSE_SYNC_CLIENT
-from services.shared.settings import ServiceSettings
+from services.shared.settings import ServiceSettings, split_list
 
 
 class Settings(ServiceSettings):
@@ -37,12 +36,7 @@ class Settings(ServiceSettings):
     @field_validator("sync_client_ids", mode="before")
     @classmethod
     def _split_client_ids(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return split_list(value)
 
     @property
     def resolved_database_path(self) -> Path:

@@ -1,14 +1,13 @@
 """Settings of the gray router, read from `ROUTER_*` environment variables."""
 
 import ipaddress
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from services.shared.settings import ServiceSettings
+from services.shared.settings import ServiceSettings, split_list
 
 MIB = 1024 * 1024
 # The commented example rules, used when ROUTER_RULES_FILE is unset.
@@ -57,12 +56,7 @@ class Settings(ServiceSettings):
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split_proxies(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return split_list(value)
 
     @field_validator("trusted_proxies")
     @classmethod

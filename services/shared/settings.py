@@ -4,8 +4,10 @@ Shared values keep fixed environment names (`REDIS_URL`, `ZTCQRS_*`) so one envi
 configure every process; service values use the service's prefix (`ROUTER_PORT`, `AUTH_PORT`, ...).
 """
 
+import json
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +69,20 @@ class ServiceSettings(BaseSettings):
     @property
     def development(self) -> bool:
         return self.env is Environment.DEVELOPMENT
+
+
+def split_list(value: Any) -> Any:
+    """Parse a list setting given as a JSON array or as comma-separated text; pass others through.
+
+    Use as a `mode="before"` validator on a `NoDecode` list field, so an environment variable can
+    say `a,b` as well as `["a", "b"]`.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 def require_secret(value: SecretStr | None, *, setting: str, env: Environment) -> SecretStr:
