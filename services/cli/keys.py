@@ -89,7 +89,12 @@ def _list(args: argparse.Namespace) -> int:
     published = {key.kid for key in ring.published_at(now)}
     for key in ring.signing_keys:
         kid = key.active.kid
-        state = "active" if kid == active else "scheduled" if key.activates_at > now else "retired"
+        if kid == active:
+            state = "active"
+        elif key.activates_at > now:
+            state = "scheduled"
+        else:
+            state = "retired"
         print(
             json.dumps({
                 "kid": kid,

@@ -34,7 +34,7 @@ Try it (alice is a beta tester and goes to the CQRS side, bob stays on the monol
 
 Look at X-Gray-Target in each response. To move more users to the CQRS side, raise `percent` of
 the `canary` rule in the rules file (bob moves at 31). The router applies the change without a
-restart; an invalid edit keeps the last good rules, and router.log says why.
+restart; an invalid edit keeps the last good rules, and router.log gives the reason.
 
 Press Ctrl-C to stop every process.
 """

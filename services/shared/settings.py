@@ -75,7 +75,7 @@ def split_list(value: Any) -> Any:
     """Parse a list setting given as a JSON array or as comma-separated text; pass others through.
 
     Use as a `mode="before"` validator on a `NoDecode` list field, so an environment variable can
-    say `a,b` as well as `["a", "b"]`.
+    contain `a,b` as well as `["a", "b"]`.
     """
     if isinstance(value, str):
         text = value.strip()

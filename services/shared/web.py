@@ -165,7 +165,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     # A Redis that hangs instead of refusing connections raises TimeoutError after the socket
-    # timeout; both mean the dependency is down, not that the request was wrong.
+    # timeout. Both errors mean the dependency is down, not that the request was wrong.
     @app.exception_handler(redis.exceptions.TimeoutError)
     @app.exception_handler(redis.exceptions.ConnectionError)
     async def redis_down(

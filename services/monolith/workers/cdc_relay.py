@@ -2,7 +2,7 @@
 
 Rows of origin `cqrs` were written by the sync API and are not published, so no change echoes back
 to the CQRS side. The checkpoint still moves past them. SQLite has one writer at a time and a
-transaction keeps the write lock until it commits, so rows become visible in `seq` order: a reader
+transaction keeps the write lock until it commits, so rows become visible in `seq` order. A reader
 never sees seq n+1 while seq n is still uncommitted, and no row can appear behind the checkpoint.
 
 Relayed rows are pruned with the checkpoint, except each id's row with the highest version, which
