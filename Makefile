@@ -20,7 +20,7 @@ KUBECTL ?= kubectl
 HELM ?= helm
 
 .PHONY: install run test lint clean lock images compose-up compose-e2e compose-down compose-check e2e \
-	kind-up helm-install k8s chaos
+	kind-up helm-install k8s chaos bench browser
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required; set PYTHON=python3.11 (or newer).")'
@@ -36,8 +36,20 @@ run: install
 	$(BIN)/ztcqrs up
 
 ## test: every test, against real Redis, SQLite and uvicorn processes the tests start themselves
-test: install
+test: install browser
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## browser: Debian's Chromium, which the status-page test drives headless; installed with apt-get
+## when missing and this runs as root, since Playwright's own browser downloads are not used
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else \
+			echo "The status-page test needs Chromium: install it (Debian: apt-get install chromium) and run make test again." >&2; \
+			exit 1; \
+		fi; \
+	}
 
 ## lint: ruff and mypy (strict) over the services and tests
 lint: install
@@ -104,6 +116,12 @@ k8s: install
 chaos: install
 	CHAOS_WRITES=$${CHAOS_WRITES:-3000} CHAOS_KILL_ROUNDS=$${CHAOS_KILL_ROUNDS:-5} \
 		$(BIN)/pytest -s -p no:cacheprovider tests/chaos/test_chaos.py $(PYTEST_ARGS)
+
+## bench: router throughput against nginx, sync lag and memory; prints the table and writes
+## docs/benchmarks.md (about 10 minutes; BENCH_QUICK=1 for about 2). Installs nginx and wrk with
+## apt-get when missing.
+bench: install
+	$(BIN)/python -m scripts.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

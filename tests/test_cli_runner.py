@@ -88,3 +88,46 @@ def test_every_busy_port_reported(tmp_path: Path) -> None:
     message = str(raised.value)
     assert "AUTH_PORT" in message
     assert "CQRS_PORT" in message
+
+
+def test_workers_get_their_own_metrics_ports(tmp_path: Path) -> None:
+    config = PlatformConfig.from_env({"ZTCQRS_DATA_DIR": str(tmp_path)})
+    assert config.worker_metrics_ports == {
+        "cdc-relay": 9101, "outbox-relay": 9102, "cdc-ingest": 9103, "projector": 9104,
+        "reverse-sync": 9105,
+    }
+
+    moved = PlatformConfig.from_env({"ZTCQRS_WORKER_METRICS_PORT": "19000"})
+    assert sorted(moved.worker_metrics_ports.values()) == list(range(19000, 19005))
+
+    platform = LocalPlatform(moved)
+    platform._build_processes()
+    assert platform.processes["projector"].env["METRICS_PORT"] == "19003"
+
+
+def test_worker_metrics_disabled(tmp_path: Path) -> None:
+    config = PlatformConfig.from_env({"ZTCQRS_WORKER_METRICS_PORT": "0"})
+    assert config.worker_metrics_ports == {}
+    # Platforms built in code (tests, the chaos harness) serve no worker metrics either.
+    platform = LocalPlatform(config_with_ports(tmp_path))
+    platform._build_processes()
+    assert platform.processes["cdc-ingest"].env["METRICS_PORT"] == "0"
+
+
+def test_busy_worker_metrics_port_names_the_setting(tmp_path: Path) -> None:
+    config = config_with_ports(tmp_path)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        config.worker_metrics_ports = {"projector": blocker.getsockname()[1]}
+        with pytest.raises(StartupError) as raised:
+            LocalPlatform(config).check_ports()
+    assert "projector metrics" in str(raised.value)
+    assert "ZTCQRS_WORKER_METRICS_PORT" in str(raised.value)
+
+
+def test_worker_metrics_port_shared_with_a_service_rejected(tmp_path: Path) -> None:
+    config = config_with_ports(tmp_path)
+    config.worker_metrics_ports = {"cdc-relay": config.ports["cqrs"]}
+    with pytest.raises(StartupError, match=r"cqrs \(CQRS_PORT\) and cdc-relay metrics"):
+        LocalPlatform(config).check_ports()

@@ -172,8 +172,8 @@ def load_key_ring(
         if not create_if_missing:
             raise SigningKeyError(
                 f"Signing key file {key_file} does not exist. Set {SIGNING_KEY_SETTING} to the "
-                "path of a PEM-encoded RSA private key of at least 2048 bits; production mode "
-                "never generates one."
+                "path of a PEM-encoded RSA private key of at least 2048 bits. Only the auth "
+                "server in development mode generates a missing key, when it starts."
             )
         _generate_key_file(key_file)
 

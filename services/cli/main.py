@@ -90,6 +90,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "services.cli.dlq",
     "services.cli.projections",
     "services.cli.keys",
+    "services.cli.reconcile",
+    "services.cli.conflicts",
+    "services.cli.rollout",
 )
 
 

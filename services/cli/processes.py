@@ -25,6 +25,9 @@ class WorkerSpec:
     name: str
     package: str  # contains settings.Settings
     module: str  # defines `async def run(settings, stop)`
+    # Prometheus port when METRICS_PORT is unset. Distinct per worker, because the relays and the
+    # ingest share a pod with their service, and `ztcqrs up` runs every worker on one machine.
+    metrics_port: int
 
 
 SERVICES: dict[str, ServiceSpec] = {
@@ -40,11 +43,11 @@ SERVICES: dict[str, ServiceSpec] = {
 WORKERS: dict[str, WorkerSpec] = {
     spec.name: spec
     for spec in (
-        WorkerSpec("cdc-relay", "services.monolith", "services.monolith.workers.cdc_relay"),
-        WorkerSpec("outbox-relay", "services.cqrs", "services.cqrs.workers.outbox_relay"),
-        WorkerSpec("cdc-ingest", "services.cqrs", "services.cqrs.workers.cdc_ingest"),
-        WorkerSpec("projector", "services.cqrs", "services.cqrs.workers.projector"),
-        WorkerSpec("reverse-sync", "services.cqrs", "services.cqrs.workers.reverse_sync"),
+        WorkerSpec("cdc-relay", "services.monolith", "services.monolith.workers.cdc_relay", 9101),
+        WorkerSpec("outbox-relay", "services.cqrs", "services.cqrs.workers.outbox_relay", 9102),
+        WorkerSpec("cdc-ingest", "services.cqrs", "services.cqrs.workers.cdc_ingest", 9103),
+        WorkerSpec("projector", "services.cqrs", "services.cqrs.workers.projector", 9104),
+        WorkerSpec("reverse-sync", "services.cqrs", "services.cqrs.workers.reverse_sync", 9105),
     )
 }
 
@@ -61,9 +64,17 @@ def serve(name: str) -> None:
     settings = load_settings(spec.package)
     configure_logging(name, settings.log_level)
     app = importlib.import_module(f"{spec.package}.app").create_app(settings)
-    log.info("service starting", extra={"host": settings.host, "port": settings.port})
+    # Services with a `processes` setting (the router) may run several uvicorn worker processes
+    # on one socket; each builds its own app from the environment through `router_app`.
+    processes = int(getattr(settings, "processes", 1))
+    log.info(
+        "service starting",
+        extra={"host": settings.host, "port": settings.port, "processes": processes},
+    )
     uvicorn.run(
-        app,
+        app if processes == 1 else f"{__name__}:router_app",
+        factory=processes > 1,
+        workers=processes if processes > 1 else None,
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -79,12 +90,21 @@ def serve(name: str) -> None:
     log.info("service stopped")
 
 
+def router_app() -> Any:
+    """Build the router's app in a uvicorn worker process, from the same environment."""
+    spec = SERVICES["router"]
+    settings = load_settings(spec.package)
+    configure_logging(spec.name, settings.log_level)
+    return importlib.import_module(f"{spec.package}.app").create_app(settings)
+
+
 def run_worker(name: str) -> None:
     """Run one worker until it receives SIGINT or SIGTERM, then let it finish what it holds."""
     spec = WORKERS[name]
     settings = load_settings(spec.package)
     configure_logging(name, settings.log_level)
     module = importlib.import_module(spec.module)
+    serve_worker_metrics(spec, settings)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -96,3 +116,29 @@ def run_worker(name: str) -> None:
         log.info("worker stopped", extra={"worker": name})
 
     asyncio.run(main())
+
+
+def serve_worker_metrics(spec: WorkerSpec, settings: Any) -> bool:
+    """Serve the worker's Prometheus metrics on METRICS_PORT (its default when unset; 0: none).
+
+    A port that cannot be bound is logged and the worker runs without metrics, because a second
+    copy of a worker on one machine must still do its work. Returns whether metrics are served.
+    """
+    from prometheus_client import start_http_server
+
+    port = spec.metrics_port if settings.metrics_port is None else int(settings.metrics_port)
+    ids = {"worker": spec.name, "host": settings.host, "port": port}
+    if port == 0:
+        log.info("worker metrics disabled by METRICS_PORT=0", extra=ids)
+        return False
+    try:
+        start_http_server(port, addr=settings.host)
+    except OSError as error:
+        log.error(
+            "worker metrics not served: port unavailable; set METRICS_PORT to a free port, or to "
+            "0 to serve none",
+            extra={**ids, "error": str(error)},
+        )
+        return False
+    log.info("worker metrics served", extra=ids)
+    return True

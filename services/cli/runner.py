@@ -26,12 +26,15 @@ from services.router.settings import DEFAULT_RULES_FILE
 from services.shared.embedded_redis import EmbeddedRedis
 from services.shared.subprocesses import die_with_parent
 
-from .processes import SERVICES
+from .processes import SERVICES, WORKERS
 
 log = logging.getLogger("ztcqrs.runner")
 
 EMBEDDED_REDIS_PORT_SETTING = "ZTCQRS_REDIS_PORT"
 DEFAULT_EMBEDDED_REDIS_PORT = 6390
+# Workers serve Prometheus metrics on consecutive ports from this one, in the order of
+# `processes.WORKERS` (each worker's own default port when unset); 0 serves none.
+WORKER_METRICS_PORT_SETTING = "ZTCQRS_WORKER_METRICS_PORT"
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 MAX_RESTART_DELAY_SECONDS = 30.0
@@ -78,6 +81,8 @@ class PlatformConfig:
     host: str = "127.0.0.1"
     rules_file: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Worker name to its metrics port; a worker not listed serves no metrics.
+    worker_metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "PlatformConfig":
@@ -88,6 +93,21 @@ class PlatformConfig:
             return int(raw)
 
         rules = environ.get("ROUTER_RULES_FILE")
+        first_default = min(spec.metrics_port for spec in WORKERS.values())
+        raw_first = environ.get(WORKER_METRICS_PORT_SETTING, str(first_default))
+        if raw_first != "0":
+            first = port(WORKER_METRICS_PORT_SETTING, first_default)
+            if first + len(WORKERS) > 65536:
+                raise StartupError(
+                    f"Setting {WORKER_METRICS_PORT_SETTING}={first} leaves no room for the "
+                    f"{len(WORKERS)} worker metrics ports; choose a port below "
+                    f"{65536 - len(WORKERS)}, or 0 to serve no worker metrics."
+                )
+        metrics_ports = (
+            {}
+            if raw_first == "0"
+            else {name: first + index for index, name in enumerate(WORKERS)}
+        )
         return cls(
             data_dir=Path(environ.get("ZTCQRS_DATA_DIR", ".ztcqrs")).resolve(),
             ports={
@@ -96,6 +116,7 @@ class PlatformConfig:
             redis_url=environ.get("REDIS_URL") or None,
             redis_port=port(EMBEDDED_REDIS_PORT_SETTING, DEFAULT_EMBEDDED_REDIS_PORT),
             rules_file=Path(rules).resolve() if rules else None,
+            worker_metrics_ports=metrics_ports,
         )
 
     def url(self, service: str) -> str:
@@ -194,6 +215,10 @@ class LocalPlatform:
         ]
         if self.config.redis_url is None:
             wanted.append(("embedded Redis", EMBEDDED_REDIS_PORT_SETTING, self.config.redis_port))
+        wanted.extend(
+            (f"{name} metrics", WORKER_METRICS_PORT_SETTING, port)
+            for name, port in self.config.worker_metrics_ports.items()
+        )
         problems = []
         first_user: dict[int, tuple[str, str]] = {}
         for name, setting, port in wanted:
@@ -242,7 +267,13 @@ class LocalPlatform:
             kind = "serve" if name in SERVICES else "worker"
             ready = f"{self.config.url(name)}/readyz" if name in SERVICES else None
             command = [sys.executable, "-m", "services.cli", kind, name]
-            self.processes[name] = ManagedProcess(name, command, env, logs / f"{name}.log", ready)
+            process_env = env
+            if name in WORKERS:
+                metrics_port = self.config.worker_metrics_ports.get(name, 0)
+                process_env = {**env, "METRICS_PORT": str(metrics_port)}
+            self.processes[name] = ManagedProcess(
+                name, command, process_env, logs / f"{name}.log", ready
+            )
 
     def start(self) -> None:
         """Start everything and return once every service is ready, or raise `StartupError`."""

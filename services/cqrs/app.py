@@ -2,8 +2,10 @@
 
 Routes, scopes, status codes and bodies match the monolith's public API, so a request gets the same
 response whichever side the router sends it to. Command responses carry `X-Consistency-Token:
-<order id>@<version>`. A query that sends it back waits up to `read_wait_ms` for the read model to
-reach that version, and otherwise reads the write model.
+<order id>@<version>`, and so do the monolith's. A query that sends it back waits up to
+`read_wait_ms` for the read model to reach that version. When the read model is still behind, it
+waits up to `read_wait_ms` more for the write model, because a token from a monolith write can
+name a version that CDC ingest has not applied yet, and then reads the write model.
 """
 
 import logging
@@ -17,6 +19,12 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 
+from services.shared.consistency_token import (
+    CONSISTENCY_HEADER,
+    ConsistencyToken,
+    parse_consistency_token,
+    wait_for_version,
+)
 from services.shared.domain import (
     OrderCreate,
     OrderList,
@@ -26,18 +34,18 @@ from services.shared.domain import (
     order_not_found,
 )
 from services.shared.errors import NotFound
+from services.shared.migration_health import install_health_metrics
+from services.shared.reconciliation import install_reconcile_metrics
 from services.shared.scopes import ORDERS_READ, ORDERS_WRITE, PRODUCTS_READ
 from services.shared.security import JWKSClient, KeySource, Principal, TokenVerifier
 from services.shared.streams import connect
 from services.shared.web import ReadinessCheck, install_common, require_scope
 
-from . import commands, read_model, write_model
+from . import commands, digests, read_model, write_model
 from .schema import open_write_model
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-CONSISTENCY_HEADER = "X-Consistency-Token"
 
 
 @dataclass
@@ -54,30 +62,6 @@ class Resources:
         self.engine.dispose()
         if self.jwks_client is not None:
             await self.jwks_client.aclose()
-
-
-@dataclass(frozen=True)
-class ConsistencyToken:
-    order_id: str
-    version: int
-
-    def __str__(self) -> str:
-        return f"{self.order_id}@{self.version}"
-
-
-def parse_consistency_token(value: str | None) -> ConsistencyToken | None:
-    """Parse `<order id>@<version>`; return None for a missing or malformed value.
-
-    A malformed token is ignored rather than rejected, because the monolith ignores the header and
-    the same request must get the same status code from either side.
-    """
-    if not value:
-        return None
-    order_id, _, version = value.strip().rpartition("@")
-    if not order_id or not version.isdigit():
-        log.warning("ignoring malformed consistency token", extra={"token": value[:200]})
-        return None
-    return ConsistencyToken(order_id, int(version))
 
 
 def resources_of(request: Request) -> Resources:
@@ -145,20 +129,62 @@ async def _caught_up(resources: Resources, token: ConsistencyToken) -> bool:
     return reached
 
 
+async def _wait_for_write_model(
+    resources: Resources, token: ConsistencyToken
+) -> dict[str, Any] | None:
+    """Return the write model's state of the token's order once it reaches the token's version.
+
+    After `read_wait_ms` without that version, return the write model's state (None when it
+    does not contain the order).
+    """
+    state: dict[str, Any] | None = None
+
+    async def load_version() -> int | None:
+        nonlocal state
+        state = await run_in_threadpool(write_model.load_order, resources.engine, token.order_id)
+        return None if state is None else int(state["version"])
+
+    timeout = resources.settings.read_wait_ms / 1000
+    if not await wait_for_version(load_version, token.version, timeout):
+        held = None if state is None else state["version"]
+        log.warning(
+            "write model behind the consistency token after the wait; returning the stored state",
+            extra={"order_id": token.order_id, "version": token.version, "held_version": held,
+                   "read_wait_ms": resources.settings.read_wait_ms},
+        )
+    return state
+
+
+async def _order_at_token(resources: Resources, token: ConsistencyToken) -> dict[str, Any] | None:
+    """Return the token's order from the read model once it caught up, else from the write model."""
+    if await _caught_up(resources, token):
+        state = await read_model.read_order(resources.redis, token.order_id)
+        if state is not None:
+            return state
+    state = await _wait_for_write_model(resources, token)
+    if state is None:
+        # The projector reads the monolith's changes itself, so the read model can hold an order
+        # that CDC ingest has not written yet.
+        state = await read_model.read_order(resources.redis, token.order_id)
+    return state
+
+
 @router.get("/queries/orders/{order_id}", response_model=OrderPublic)
 async def get_order(
     order_id: str, principal: OrderReader, resources: AppResources,
     consistency_token: ConsistencyHeader = None,
 ) -> dict[str, Any]:
     token = parse_consistency_token(consistency_token)
-    state: dict[str, Any] | None = None
+    state: dict[str, Any] | None
     # The token's version applies to its own order only, so a token for another order is ignored.
-    if token is None or token.order_id != order_id or await _caught_up(resources, token):
+    if token is not None and token.order_id == order_id:
+        state = await _order_at_token(resources, token)
+    else:
         state = await read_model.read_order(resources.redis, order_id)
-    if state is None:
-        # The read model is behind the token or has not projected the order yet. A just-created
-        # order must not return 404, so the write model decides.
-        state = await run_in_threadpool(write_model.load_order, resources.engine, order_id)
+        if state is None:
+            # The read model has not projected the order yet. A just-created order must not
+            # return 404, so the write model decides.
+            state = await run_in_threadpool(write_model.load_order, resources.engine, order_id)
     if state is None or state["user_id"] != principal.subject:
         raise order_not_found(order_id)
     return state
@@ -170,6 +196,7 @@ async def list_orders(
 ) -> dict[str, Any]:
     token = parse_consistency_token(consistency_token)
     if token is not None and not await _caught_up(resources, token):
+        await _wait_for_write_model(resources, token)
         orders = await run_in_threadpool(
             write_model.list_orders, resources.engine, principal.subject
         )
@@ -267,5 +294,8 @@ def create_app(settings: Settings, *, key_source: KeySource | None = None) -> Fa
         leeway_seconds=settings.token_leeway_seconds,
     )
     install_common(app, service="cqrs", checks=_readiness_checks(resources))
+    install_health_metrics(app, resources.redis)
+    install_reconcile_metrics(app, resources.redis)
     app.include_router(router)
+    app.include_router(digests.router)
     return app

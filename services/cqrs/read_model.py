@@ -19,6 +19,7 @@ from redis.exceptions import WatchError
 from services.shared.clock import parse_timestamp
 from services.shared.consistency import Decision, content_hash, decide
 from services.shared.events import Event
+from services.shared.migration_health import SYNC_CONFLICTS
 from services.shared.names import (
     APPLY_COUNTS_TTL_SECONDS,
     READ_MODEL_PREFIX,
@@ -310,6 +311,7 @@ def _creation_score(state: dict[str, Any]) -> float:
 
 def _log_conflict(event: Event, decision: Decision) -> None:
     if decision.conflict:
+        SYNC_CONFLICTS.labels("cqrs-read", decision.value).inc()
         log.warning(
             "conflicting state received by the read model",
             extra={"aggregate": event.aggregate, "aggregate_id": event.aggregate_id,

@@ -26,12 +26,14 @@ class Settings(ServiceSettings):
     port: int = Field(8002, ge=1, le=65535)
     # SQLite file of the write model; None means `<data_dir>/cqrs.db`.
     database_path: Path | None = None
-    # Maximum time in ms that a query with a consistency token waits for the read model.
+    # Maximum time in ms that a query with a consistency token waits for the read model, and, when
+    # the read model is still behind, maximum time it then waits for the write model.
     read_wait_ms: int = Field(500, ge=0, le=60_000)
     # Maximum number of outbox rows the outbox relay appends per round.
     relay_batch_size: int = Field(500, ge=1)
-    # Pause in seconds between outbox relay rounds that found no more rows.
-    relay_poll_interval_seconds: float = Field(0.05, gt=0)
+    # Pause in seconds between outbox relay rounds that found no more rows. It adds about half
+    # its length to the average sync lag, and each idle round reads the checkpoint and outbox.
+    relay_poll_interval_seconds: float = Field(0.01, gt=0)
     # Seconds between trims of `events.cqrs` to the entries some group has not acknowledged, and
     # seconds an acknowledged entry stays on the stream anyway, for operators and late readers.
     relay_trim_interval_seconds: float = Field(5.0, gt=0, le=3600)

@@ -16,6 +16,7 @@ from services.shared.clock import utc_now
 from services.shared.consistency import Decision, content_hash, decide
 from services.shared.database import count_apply
 from services.shared.events import Event
+from services.shared.migration_health import SYNC_CONFLICTS
 
 from .schema import AGGREGATE_TABLES, applied_versions, conflicts, orders, products
 from .states import ORDER, PRODUCT, event_state
@@ -114,6 +115,8 @@ def apply_event(engine: Engine, event: Event, *, authority: str) -> Decision:
         if decision.applies:
             upsert_state(connection, aggregate, state, origin=event.origin)
             _count_apply(connection, aggregate, state)
+    if decision.conflict:
+        SYNC_CONFLICTS.labels("cqrs-write", decision.value).inc()
     return decision
 
 

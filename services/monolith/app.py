@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
+from services.shared.migration_health import install_health_metrics
 from services.shared.security import JWKSClient, KeySource, TokenVerifier
+from services.shared.streams import connect
 from services.shared.web import ReadinessCheck, install_common
 
-from . import routes, sync
+from . import digests, routes, sync
 from .schema import open_database
 from .settings import Settings
 
@@ -56,6 +58,8 @@ def create_app(settings: Settings, *, key_source: KeySource | None = None) -> Fa
         )
     jwks_client = key_source if isinstance(key_source, JWKSClient) else None
     engine = open_database(settings, seed=settings.development)
+    # Read only by /metrics for the migration's lag gauges; the monolith keeps no data in Redis.
+    health_redis = connect(settings.redis_url)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -73,6 +77,7 @@ def create_app(settings: Settings, *, key_source: KeySource | None = None) -> Fa
             if jwks_client is not None and owns_key_source:
                 await jwks_client.aclose()
             engine.dispose()
+            await health_redis.aclose()
             log.info("monolith stopped")
 
     app = FastAPI(title="ztcqrs monolith", lifespan=lifespan)
@@ -88,6 +93,8 @@ def create_app(settings: Settings, *, key_source: KeySource | None = None) -> Fa
     if jwks_client is not None:
         checks["jwks"] = _check_jwks(jwks_client)
     install_common(app, service="monolith", checks=checks)
+    install_health_metrics(app, health_redis)
     app.include_router(routes.router)
     app.include_router(sync.router)
+    app.include_router(digests.router)
     return app

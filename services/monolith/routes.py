@@ -1,17 +1,28 @@
 """The monolith's public API: orders and products, as listed in docs/architecture.md.
 
-Handlers are plain functions, so FastAPI runs them in its thread pool and SQLite calls never block
-the event loop. Each write is one `BEGIN IMMEDIATE` transaction.
+Write handlers are plain functions, so FastAPI runs them in its thread pool and SQLite calls never
+block the event loop. Each write is one `BEGIN IMMEDIATE` transaction, and its response carries
+`X-Consistency-Token: <order id>@<version>`. Order reads are async because a read that sends such
+a token back waits, up to `read_wait_ms`, until this database contains the order at that version: a
+write on the CQRS side reaches the monolith asynchronously through the reverse sync. Each check
+of the version runs in the thread pool on a DEFERRED connection, so the wait takes no write lock.
 """
 
 import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request, Response
 from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 
 from services.shared.clock import utc_now
+from services.shared.consistency_token import (
+    CONSISTENCY_HEADER,
+    ConsistencyToken,
+    parse_consistency_token,
+    wait_for_version,
+)
 from services.shared.domain import (
     OrderCreate,
     OrderList,
@@ -29,6 +40,7 @@ from services.shared.security import Principal
 from services.shared.web import require_scope
 
 from . import store
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +56,51 @@ def engine_of(request: Request) -> Engine:
     return engine
 
 
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
 DatabaseEngine = Annotated[Engine, Depends(engine_of)]
+MonolithSettings = Annotated[Settings, Depends(settings_of)]
+ConsistencyHeader = Annotated[str | None, Header(alias=CONSISTENCY_HEADER)]
+
+
+def _set_consistency_token(response: Response, order: OrderPublic) -> None:
+    response.headers[CONSISTENCY_HEADER] = str(ConsistencyToken(order.id, order.version))
+
+
+def _load_order(engine: Engine, order_id: str) -> OrderPublic | None:
+    with store.read_connection(engine) as connection:
+        return store.get_order(connection, order_id)
+
+
+async def _wait_for_order(
+    engine: Engine, token: ConsistencyToken, read_wait_ms: int
+) -> OrderPublic | None:
+    """Return the token's order once this database contains its version, or the stored state after
+    `read_wait_ms` (None when the order has not arrived)."""
+    order: OrderPublic | None = None
+
+    async def load_version() -> int | None:
+        nonlocal order
+        order = await run_in_threadpool(_load_order, engine, token.order_id)
+        return None if order is None else order.version
+
+    if not await wait_for_version(load_version, token.version, read_wait_ms / 1000):
+        log.warning(
+            "monolith behind the consistency token after the wait; returning the stored state",
+            extra={"order_id": token.order_id, "version": token.version,
+                   "held_version": None if order is None else order.version,
+                   "read_wait_ms": read_wait_ms},
+        )
+    return order
 
 
 @router.post("/orders", status_code=201)
-def create_order(body: OrderCreate, principal: OrdersWriter, engine: DatabaseEngine) -> OrderPublic:
+def create_order(
+    body: OrderCreate, principal: OrdersWriter, engine: DatabaseEngine, response: Response
+) -> OrderPublic:
     now = utc_now()
     with engine.begin() as connection:
         prices = store.product_prices(connection, [item.product_id for item in body.items])
@@ -70,19 +122,38 @@ def create_order(body: OrderCreate, principal: OrdersWriter, engine: DatabaseEng
         "order created",
         extra={"order_id": order.id, "user_id": order.user_id, "total_amount": total},
     )
+    _set_consistency_token(response, order)
     return order
 
 
-@router.get("/orders")
-def list_orders(principal: OrdersReader, engine: DatabaseEngine) -> OrderList:
+def _list_user_orders(engine: Engine, user_id: str) -> OrderList:
     with store.read_connection(engine) as connection:
-        return OrderList(orders=store.list_user_orders(connection, principal.subject))
+        return OrderList(orders=store.list_user_orders(connection, user_id))
+
+
+@router.get("/orders")
+async def list_orders(
+    principal: OrdersReader, engine: DatabaseEngine, settings: MonolithSettings,
+    consistency_token: ConsistencyHeader = None,
+) -> OrderList:
+    token = parse_consistency_token(consistency_token)
+    if token is not None:
+        await _wait_for_order(engine, token, settings.read_wait_ms)
+    return await run_in_threadpool(_list_user_orders, engine, principal.subject)
 
 
 @router.get("/orders/{order_id}")
-def get_order(order_id: str, principal: OrdersReader, engine: DatabaseEngine) -> OrderPublic:
-    with store.read_connection(engine) as connection:
-        order = store.get_order(connection, order_id)
+async def get_order(
+    order_id: str, principal: OrdersReader, engine: DatabaseEngine, settings: MonolithSettings,
+    consistency_token: ConsistencyHeader = None,
+) -> OrderPublic:
+    token = parse_consistency_token(consistency_token)
+    order: OrderPublic | None
+    # The token's version applies to its own order only, so a token for another order is ignored.
+    if token is not None and token.order_id == order_id:
+        order = await _wait_for_order(engine, token, settings.read_wait_ms)
+    else:
+        order = await run_in_threadpool(_load_order, engine, order_id)
     if order is None or order.user_id != principal.subject:
         raise order_not_found(order_id)
     return order
@@ -90,7 +161,8 @@ def get_order(order_id: str, principal: OrdersReader, engine: DatabaseEngine) ->
 
 @router.post("/orders/{order_id}/{action}")
 def change_order_status(
-    order_id: str, action: str, principal: OrdersWriter, engine: DatabaseEngine
+    order_id: str, action: str, principal: OrdersWriter, engine: DatabaseEngine,
+    response: Response,
 ) -> OrderPublic:
     with engine.begin() as connection:
         order = store.get_order(connection, order_id)
@@ -109,6 +181,7 @@ def change_order_status(
         extra={"order_id": order_id, "action": action, "status": status.value,
                "version": changed.version},
     )
+    _set_consistency_token(response, changed)
     return changed
 
 

@@ -17,6 +17,9 @@ class Settings(ServiceSettings):
     port: int = Field(8001, ge=1, le=65535)
     # None means `data_dir / "monolith.db"`; see `resolved_database_path`.
     database_path: Path | None = None
+    # Maximum time in ms that an order read with an X-Consistency-Token waits for this database to
+    # hold the token's order at the token's version before it answers with what it holds.
+    read_wait_ms: int = Field(500, ge=0, le=60_000)
     # Client ids whose service tokens may call the internal sync API. MONOLITH_SYNC_CLIENT_IDS takes
     # a comma-separated list or a JSON array.
     sync_client_ids: Annotated[list[str], NoDecode] = Field(
@@ -25,7 +28,9 @@ class Settings(ServiceSettings):
     # CDC relay: change-log rows read per batch, the pause when the log is drained, and the backoff
     # between retries while Redis or the database fails.
     relay_batch_size: int = Field(500, ge=1, le=10_000)
-    relay_poll_interval_seconds: float = Field(0.05, gt=0, le=60)
+    # The pause adds about half its length to the average sync lag. Each idle round reads the
+    # checkpoint and the log, so a shorter pause costs more CPU while nothing changes.
+    relay_poll_interval_seconds: float = Field(0.01, gt=0, le=60)
     relay_retry_base_seconds: float = Field(0.2, gt=0, le=60)
     relay_retry_max_seconds: float = Field(10.0, gt=0, le=600)
     # Seconds between trims of `cdc.monolith` to the entries some group has not acknowledged, and

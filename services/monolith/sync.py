@@ -20,6 +20,7 @@ from services.shared.consistency import Decision, content_hash, decide
 from services.shared.database import count_apply
 from services.shared.domain import OrderPublic
 from services.shared.errors import Forbidden, ValidationFailed
+from services.shared.migration_health import SYNC_CONFLICTS
 from services.shared.names import ORIGIN_CQRS
 from services.shared.scopes import SYNC_WRITE
 from services.shared.security import Principal
@@ -116,6 +117,8 @@ def apply_order_state(engine: Engine, state: OrderPublic, *, authority: str) -> 
                 )
             )
         connection.execute(sync_context.delete())
+    if decision.conflict:
+        SYNC_CONFLICTS.labels("monolith", decision.value).inc()
     if decision.applies or local is None:
         return SyncResult(decision=decision, version=state.version)
     return SyncResult(decision=decision, version=local.version)

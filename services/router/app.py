@@ -34,8 +34,12 @@ from services.shared.security import (
     TokenVerifier,
     bearer_token,
 )
+from services.shared.streams import connect
 from services.shared.web import valid_request_id
 
+from .dashboard import DASHBOARD_HEADERS, render_dashboard
+from .gate import UserGate
+from .guard import Guard
 from .limits import RateLimiter, forwarded_for_chain, is_trusted
 from .proxy import (
     UPSTREAM_ERRORS,
@@ -60,9 +64,10 @@ from .proxy import (
     upstream_request_headers,
 )
 from .reloader import LoadedRules, RulesReloader
-from .routes import upstream_route
-from .rules import SAFE_METHODS, Decision, RequestFacts
+from .routes import CQRS, upstream_route
+from .rules import SAFE_METHODS, TARGETS, Decision, RequestFacts
 from .settings import Settings
+from .shadow import Capture, ShadowReads, ShadowSource
 from .tokens import CachingVerifier
 
 log = logging.getLogger(__name__)
@@ -95,6 +100,7 @@ _GRAY_PREFIX = "/_gray"
 # Probes under either prefix skip the rate limit, so an orchestrator's checks are never throttled.
 _UNLIMITED = _PROBES | {_GRAY_PREFIX + probe for probe in _PROBES}
 _STATUS = "/status"
+_DASHBOARD = "/dashboard"
 _READ_METHODS = frozenset({"GET", "HEAD"})
 _CLOSE = (b"connection", b"close")
 
@@ -150,6 +156,18 @@ class RouterApp:
         )
         self._trusted = settings.trusted_networks
         self._owns_key_source = owns_key_source
+        self.guard = Guard(
+            settings.redis_url,
+            lambda: self.reloader.current.rules.guard,
+            fail_safe_seconds=settings.guard_fail_safe_seconds,
+        )
+        self.gate = UserGate(connect(settings.redis_url), max_allowed=settings.gate_cache_size)
+        self.shadow = ShadowReads(
+            upstreams,
+            max_in_flight=settings.shadow_max_in_flight,
+            timeout_seconds=settings.shadow_timeout_seconds,
+            max_body_bytes=settings.shadow_max_body_bytes,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -169,6 +187,7 @@ class RouterApp:
         self.reloader.start()
         if self.revocations is not None:
             await self.revocations.start()
+        self.guard.start()
         if isinstance(self.key_source, JWKSClient):
             await self.key_source.refresh(force=True)
         loaded = self.reloader.current
@@ -183,6 +202,10 @@ class RouterApp:
 
     async def shutdown(self) -> None:
         await self.reloader.stop()
+        await self.guard.stop()
+        await self.gate.close()
+        await self.gate.redis.aclose()
+        await self.shadow.close()
         await self.upstreams.close()
         if self.revocations is not None:
             await self.revocations.stop()
@@ -238,6 +261,8 @@ class RouterApp:
             if not exchange.quiet:
                 REQUESTS.labels(exchange.rule, exchange.target, str(exchange.status)).inc()
                 REQUEST_DURATION.labels(exchange.target).observe(elapsed)
+                if exchange.target in TARGETS:
+                    self.guard.count_response(exchange.target)
                 fields: dict[str, Any] = {
                     "method": exchange.method, "path": exchange.path,
                     "status": exchange.status, "target": exchange.target,
@@ -302,7 +327,9 @@ class RouterApp:
         facts = RequestFacts(
             exchange.method, path, header_map, principal.subject, principal.claims
         )
-        decision = loaded.rules.select(facts)
+        decision = self.guard.route(loaded.rules.select(facts), loaded.rules.guard)
+        if loaded.rules.gate.enabled:
+            decision = self.gate.admit(decision, principal.subject, exchange.method, path)
         exchange.rule = decision.rule_name
         await self._proxy(scope, receive, send, exchange, decision, forwarded_for)
 
@@ -410,7 +437,14 @@ class RouterApp:
             code = "gateway_timeout" if outcome.status == 504 else "bad_gateway"
             await self._send_error(send, exchange, outcome.status, code, outcome.public_message)
             return
-        await self._relay(send, exchange, outcome)
+        shadow_config = self.reloader.current.rules.shadow
+        capture = self.shadow.capture(shadow_config, method, exchange.request_id, outcome.status)
+        await self._relay(send, exchange, outcome, capture)
+        if capture is not None and capture.complete:
+            source = ShadowSource(
+                exchange.request_id, method, exchange.path, target, query, upstream_headers
+            )
+            self.shadow.submit(shadow_config, capture, source)
 
     async def _read_body(self, receive: Receive, send: Send, exchange: Exchange) -> bytes | None:
         """Return the whole request body, or send 413 or 408 (nothing when the client left)
@@ -447,6 +481,8 @@ class RouterApp:
             )
         except UpstreamError as error:
             UPSTREAM_ERRORS.labels(target, error.kind).inc()
+            if target == CQRS:
+                self.guard.count_cqrs_call(failed=True)
             log.warning(
                 "upstream call failed",
                 extra={
@@ -458,13 +494,25 @@ class RouterApp:
             return error
         if response.status >= 500:
             UPSTREAM_ERRORS.labels(target, "status_5xx").inc()
+        if target == CQRS:
+            self.guard.count_cqrs_call(failed=response.status >= 500)
         return response
 
     async def _relay(
-        self, send: Send, exchange: Exchange, response: aiohttp.ClientResponse
+        self,
+        send: Send,
+        exchange: Exchange,
+        response: aiohttp.ClientResponse,
+        capture: Capture | None = None,
     ) -> None:
-        """Stream the upstream response to the client with the gray headers added."""
+        """Stream the upstream response to the client with the gray headers added.
+
+        With `capture`, also keep the status and body for a shadow read's comparison.
+        """
         async with response:
+            if capture is not None:
+                capture.status = response.status
+                capture.content_encoding = response.headers.get("content-encoding", "")
             headers = client_response_headers(response.raw_headers)
             headers.extend(exchange.gray_headers())
             exchange.status = response.status
@@ -473,6 +521,8 @@ class RouterApp:
             await send(start)
             try:
                 async for chunk in response.content.iter_any():
+                    if capture is not None:
+                        capture.add(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, TimeoutError) as error:
                 kind = "timeout" if isinstance(error, TimeoutError) else "protocol"
@@ -488,6 +538,8 @@ class RouterApp:
                 # connection, so the client sees a truncated response instead of a complete one.
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if capture is not None:
+                capture.complete = True
 
     # The router's own endpoints
 
@@ -495,7 +547,7 @@ class RouterApp:
         self, scope: Scope, send: Send, exchange: Exchange, loaded: LoadedRules, path: str
     ) -> None:
         name = path.removeprefix(_GRAY_PREFIX) if path.startswith(_GRAY_PREFIX + "/") else path
-        if name not in _PROBES and name != _STATUS:
+        if name not in _PROBES and name not in (_STATUS, _DASHBOARD):
             await self._send_error(
                 send, exchange, 404, "not_found", f"No route matches {exchange.method} {path}."
             )
@@ -509,6 +561,9 @@ class RouterApp:
             return
         if name == _STATUS:
             await self._status(scope, send, exchange, loaded)
+            return
+        if name == _DASHBOARD:
+            await self._dashboard(scope, send, exchange, loaded)
             return
         exchange.quiet = True
         if name == "/healthz":
@@ -553,10 +608,39 @@ class RouterApp:
     async def _status(
         self, scope: Scope, send: Send, exchange: Exchange, loaded: LoadedRules
     ) -> None:
+        if await self._authorize_admin(scope, send, exchange):
+            await self._send_json(send, exchange, 200, await self._status_body(loaded))
+
+    async def _dashboard(
+        self, scope: Scope, send: Send, exchange: Exchange, loaded: LoadedRules
+    ) -> None:
+        if not await self._authorize_admin(scope, send, exchange):
+            return
+        page = render_dashboard(await self._status_body(loaded), phase=self.settings.phase)
+        await self._send(send, exchange, 200, page.encode(), list(DASHBOARD_HEADERS))
+
+    async def _status_body(self, loaded: LoadedRules) -> dict[str, Any]:
+        """Build the body of `/_gray/status`, which the dashboard renders too."""
+        return {
+            "rules_version": loaded.version,
+            "loaded_at": loaded.loaded_at,
+            "rules_file": str(loaded.source),
+            "last_error": self.reloader.last_error,
+            "last_error_at": self.reloader.last_error_at,
+            "rules": loaded.rules.names,
+            "guard": self.guard.status(loaded.rules.guard),
+            "health": self.guard.health_status(),
+            "split": await self.guard.split_status(),
+            "shadow": self.shadow.status(loaded.rules.shadow),
+            "gate": {"enabled": loaded.rules.gate.enabled, **self.gate.status()},
+        }
+
+    async def _authorize_admin(self, scope: Scope, send: Send, exchange: Exchange) -> bool:
+        """Return True for a caller with scope gray:admin; otherwise send 401 or 403."""
         header_map = _header_map(scope["headers"])
         principal = await self._authenticate_or_reject(send, exchange, header_map)
         if principal is None:
-            return
+            return False
         try:
             principal.require_scope(GRAY_ADMIN)
         except Forbidden as error:
@@ -565,16 +649,8 @@ class RouterApp:
                 send, exchange, 403, error.code, error.message,
                 [(b"www-authenticate", challenge.encode())],
             )
-            return
-        body = {
-            "rules_version": loaded.version,
-            "loaded_at": loaded.loaded_at,
-            "rules_file": str(loaded.source),
-            "last_error": self.reloader.last_error,
-            "last_error_at": self.reloader.last_error_at,
-            "rules": loaded.rules.names,
-        }
-        await self._send_json(send, exchange, 200, body)
+            return False
+        return True
 
     # Responses the router makes itself
 

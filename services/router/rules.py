@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import yaml
@@ -23,7 +24,9 @@ DEFAULT_RULE = "default"
 BUCKETS = 10_000
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-_TOP_LEVEL_FIELDS = ("version", "salt", "split_key_header", "default_target", "rules")
+_TOP_LEVEL_FIELDS = (
+    "version", "salt", "split_key_header", "default_target", "rules", "guard", "shadow", "gate",
+)
 _RULE_FIELDS = ("name", "match", "target", "split", "otherwise", "fallback")
 _MATCH_FIELDS = ("methods", "paths", "headers", "claims", "expr")
 _SPLIT_FIELDS = ("target", "percent")
@@ -118,11 +121,65 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class GuardThresholds:
+    """Limits of the guard; crossing any one that is set trips it. `None` does not check."""
+
+    drift_entities: int | None = None
+    lag_seconds: float | None = None
+    dead_letters: int | None = None
+    cqrs_error_rate: float | None = None
+    error_window_seconds: int = 60
+    min_requests: int = 20
+
+    @property
+    def any_set(self) -> bool:
+        return any(
+            limit is not None
+            for limit in (
+                self.drift_entities, self.lag_seconds, self.dead_letters, self.cqrs_error_rate
+            )
+        )
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The `guard` section: when requests that rules send to `cqrs` go to `monolith` instead."""
+
+    frozen: bool = False
+    # Epoch seconds. A trip that happened before it is cleared, and evidence from before it
+    # (reconcile runs, CQRS errors) no longer trips the guard.
+    reset_at: float | None = None
+    check_interval_seconds: float = 1.0
+    thresholds: GuardThresholds = GuardThresholds()
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """The `shadow` section: which safe reads the router also sends to the other side."""
+
+    percent: float = 0.0
+    # Recent mismatches kept for the status page.
+    max_samples: int = 20
+    # JSON object keys dropped at any depth before the two bodies are compared.
+    ignore_fields: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The `gate` section: users move to `cqrs` only once their monolith changes are replicated."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
 class RuleSet:
     salt: str
     split_key_header: str | None
     default_target: str
     rules: tuple[Rule, ...]
+    guard: GuardConfig = GuardConfig()
+    shadow: ShadowConfig = ShadowConfig()
+    gate: GateConfig = GateConfig()
 
     @property
     def names(self) -> list[str]:
@@ -233,7 +290,11 @@ def parse_rules(text: str | bytes) -> RuleSet:
             )
         seen.add(rule.name)
         rules.append(rule)
-    return RuleSet(salt, split_key_header, default_target, tuple(rules))
+    guard = _parse_guard(document.get("guard"))
+    return RuleSet(
+        salt, split_key_header, default_target, tuple(rules), guard=guard,
+        shadow=_parse_shadow(document.get("shadow")), gate=_parse_gate(document.get("gate")),
+    )
 
 
 def _parse_rule(raw: Any, index: int, default_target: str) -> Rule:
@@ -412,3 +473,162 @@ def _check_fields(
 
 def _type_name(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
+
+
+# The guard section
+
+_GUARD_FIELDS = ("frozen", "reset_at", "check_interval_seconds", "thresholds")
+_THRESHOLD_FIELDS = (
+    "drift_entities", "lag_seconds", "dead_letters", "cqrs_error_rate", "error_window_seconds",
+    "min_requests",
+)
+# The router keeps one counter slot per second of the error window, so the window is bounded.
+MAX_ERROR_WINDOW_SECONDS = 600
+MAX_CHECK_INTERVAL_SECONDS = 300
+
+
+def _parse_guard(raw: Any) -> GuardConfig:
+    if raw is None:
+        return GuardConfig()
+    if not isinstance(raw, dict):
+        raise RulesError(f"guard must be a mapping, got {_type_name(raw)}")
+    _check_fields(raw, _GUARD_FIELDS, "", "guard")
+
+    frozen = raw.get("frozen", False)
+    if not isinstance(frozen, bool):
+        raise RulesError(f"guard.frozen must be true or false, got {frozen!r}")
+    interval = _number(raw.get("check_interval_seconds", 1.0), "guard.check_interval_seconds")
+    if not 0 < interval <= MAX_CHECK_INTERVAL_SECONDS:
+        raise RulesError(
+            f"guard.check_interval_seconds must be above 0 and at most "
+            f"{MAX_CHECK_INTERVAL_SECONDS}, got {interval!r}"
+        )
+    return GuardConfig(
+        frozen=frozen,
+        reset_at=_parse_reset_at(raw.get("reset_at")),
+        check_interval_seconds=float(interval),
+        thresholds=_parse_thresholds(raw.get("thresholds")),
+    )
+
+
+def _parse_reset_at(raw: Any) -> float | None:
+    """Return `guard.reset_at` as epoch seconds; a time without a zone is read as UTC."""
+    if raw is None:
+        return None
+    moment = raw
+    if isinstance(raw, str):
+        try:
+            moment = datetime.fromisoformat(raw)
+        except ValueError as error:
+            raise RulesError(
+                f"guard.reset_at must be an ISO 8601 time such as 2025-01-31T12:00:00Z, "
+                f"got {raw!r}"
+            ) from error
+    if not isinstance(moment, datetime):
+        raise RulesError(
+            f"guard.reset_at must be an ISO 8601 time such as 2025-01-31T12:00:00Z, got {raw!r}"
+        )
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _parse_thresholds(raw: Any) -> GuardThresholds:
+    if raw is None:
+        return GuardThresholds()
+    if not isinstance(raw, dict):
+        raise RulesError(f"guard.thresholds must be a mapping, got {_type_name(raw)}")
+    _check_fields(raw, _THRESHOLD_FIELDS, "", "guard.thresholds")
+
+    def limit(name: str, *, integer: bool, maximum: float | None = None) -> Any:
+        value = raw.get(name)
+        if value is None:
+            return None
+        field = f"guard.thresholds.{name}"
+        number = _number(value, field, integer=integer)
+        if number < 0 or (maximum is not None and number > maximum):
+            bounds = f"between 0 and {maximum:g}" if maximum is not None else "0 or more"
+            raise RulesError(f"{field} must be {bounds}, got {value!r}")
+        return number
+
+    window = _number(
+        raw.get("error_window_seconds", 60), "guard.thresholds.error_window_seconds", integer=True
+    )
+    if not 1 <= window <= MAX_ERROR_WINDOW_SECONDS:
+        raise RulesError(
+            f"guard.thresholds.error_window_seconds must be between 1 and "
+            f"{MAX_ERROR_WINDOW_SECONDS}, got {window!r}"
+        )
+    min_requests = _number(
+        raw.get("min_requests", 20), "guard.thresholds.min_requests", integer=True
+    )
+    if min_requests < 1:
+        raise RulesError(f"guard.thresholds.min_requests must be 1 or more, got {min_requests!r}")
+    lag = limit("lag_seconds", integer=False)
+    rate = limit("cqrs_error_rate", integer=False, maximum=1)
+    return GuardThresholds(
+        drift_entities=limit("drift_entities", integer=True),
+        lag_seconds=None if lag is None else float(lag),
+        dead_letters=limit("dead_letters", integer=True),
+        cqrs_error_rate=None if rate is None else float(rate),
+        error_window_seconds=int(window),
+        min_requests=int(min_requests),
+    )
+
+
+def _number(value: Any, field: str, *, integer: bool = False) -> int | float:
+    """Return a finite YAML number (an integer when `integer`), or raise naming the field."""
+    allowed = isinstance(value, int) or (not integer and isinstance(value, float))
+    if isinstance(value, bool) or not allowed:
+        kind = "an integer" if integer else "a number"
+        raise RulesError(f"{field} must be {kind}, got {value!r}")
+    assert isinstance(value, int | float)
+    if not math.isfinite(value):
+        raise RulesError(f"{field} must be a finite number, got {value!r}")
+    return value
+
+
+# The shadow and gate sections
+
+_SHADOW_FIELDS = ("percent", "max_samples", "ignore_fields")
+_GATE_FIELDS = ("enabled",)
+# Samples are kept in memory and returned whole by the status page, so their number is bounded.
+MAX_SHADOW_SAMPLES = 1000
+
+
+def _parse_shadow(raw: Any) -> ShadowConfig:
+    if raw is None:
+        return ShadowConfig()
+    if not isinstance(raw, dict):
+        raise RulesError(f"shadow must be a mapping, got {_type_name(raw)}")
+    _check_fields(raw, _SHADOW_FIELDS, "", "shadow")
+
+    percent = _number(raw.get("percent", 0), "shadow.percent")
+    if not 0 <= percent <= 100:
+        raise RulesError(f"shadow.percent must be between 0 and 100, got {percent!r}")
+    max_samples = _number(raw.get("max_samples", 20), "shadow.max_samples", integer=True)
+    if not 0 <= max_samples <= MAX_SHADOW_SAMPLES:
+        raise RulesError(
+            f"shadow.max_samples must be between 0 and {MAX_SHADOW_SAMPLES}, got {max_samples!r}"
+        )
+    ignore_fields = raw.get("ignore_fields") or []
+    if not isinstance(ignore_fields, list) or not all(
+        isinstance(name, str) and name for name in ignore_fields
+    ):
+        raise RulesError(
+            f"shadow.ignore_fields must be a list of JSON field names, got {ignore_fields!r}"
+        )
+    return ShadowConfig(float(percent), int(max_samples), frozenset(ignore_fields))
+
+
+def _parse_gate(raw: Any) -> GateConfig:
+    if raw is None:
+        return GateConfig()
+    if not isinstance(raw, dict):
+        raise RulesError(f"gate must be a mapping, got {_type_name(raw)}")
+    _check_fields(raw, _GATE_FIELDS, "", "gate")
+
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise RulesError(f"gate.enabled must be true or false, got {enabled!r}")
+    return GateConfig(enabled)

@@ -20,6 +20,10 @@ class Settings(ServiceSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     rules_file: Path = DEFAULT_RULES_FILE
+    # uvicorn worker processes sharing the listening socket. Each process keeps its own token
+    # cache, rate-limit buckets, rules reloader and Prometheus counters, so with more than one the
+    # rate limit applies per process and /metrics shows the process that answered the scrape.
+    processes: int = Field(1, ge=1, le=64)
     # How often the rules file is read and compared with the rules in force, in seconds.
     rules_poll_seconds: float = Field(1.0, gt=0)
     monolith_url: str = "http://127.0.0.1:8001"
@@ -52,6 +56,18 @@ class Settings(ServiceSettings):
     # Requests get 503 once the revocation list has not been read from Redis for this many
     # seconds. 0 keeps serving with the revoked ids already known.
     revocation_max_stale_seconds: float = Field(0.0, ge=0)
+    # While the rules file sets a guard threshold, requests that rules send to cqrs go to the
+    # monolith once the migration health has been unreadable from Redis for this many seconds.
+    # 0 keeps routing by the last state read, however old.
+    guard_fail_safe_seconds: float = Field(30.0, ge=0)
+    # Shadow reads (the rules' `shadow` section): maximum calls to the other side in flight (more
+    # are dropped and counted), maximum seconds each may take, and maximum bytes of each response
+    # body kept for the comparison (a larger read is dropped).
+    shadow_max_in_flight: int = Field(32, ge=1, le=10_000)
+    shadow_timeout_seconds: float = Field(5.0, gt=0, le=300)
+    shadow_max_body_bytes: int = Field(256 * 1024, ge=1024, le=64 * MIB)
+    # Per-user gate (the rules' `gate` section): users kept in memory as allowed on the CQRS side.
+    gate_cache_size: int = Field(100_000, ge=1)
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

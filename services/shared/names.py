@@ -105,3 +105,44 @@ REVOCATION_STREAM = "auth.revocations"
 
 # Failed sign-in counters of the auth server's throttle, per account and per client address.
 LOGIN_FAILURES_PREFIX = "auth:login-failures"
+
+# Hash with the result of the last reconcile run: `finished_at` (epoch seconds), `missing`,
+# `stale`, `conflicting`, `drift_entities`, `repaired`, `duration_seconds` and `report` (the run's
+# JSON report). Each run replaces it whole; it has no TTL, because an old result is still the
+# latest known one and `finished_at` shows its age.
+RECONCILE_LAST_KEY = "reconcile:last"
+
+# Per-user replication markers: hashes of user id to a `cdc.monolith` entry id. The CDC relay
+# raises `gate:published` in the transaction that appends a user's order change, and the ingest
+# and projector groups raise their `gate:applied:<group>` after applying and acknowledging it. A
+# user is replicated when every group in GATE_GROUPS has reached the published id.
+GATE_PUBLISHED_KEY = "gate:published"
+GATE_GROUPS: tuple[str, ...] = (INGEST_GROUP, PROJECTOR_GROUP)
+
+
+def gate_applied_key(group: str) -> str:
+    """Hash of user id to the newest `cdc.monolith` entry id of that user `group` applied."""
+    return f"gate:applied:{group}"
+
+
+# Hash the relays report their lag into, at most once a second: field `<relay>` holds the age in
+# seconds of the oldest row not yet relayed (0 when caught up), `<relay>:at` the epoch seconds of
+# the report.
+RELAY_LAG_KEY = "relay:lag"
+CDC_RELAY_NAME = "cdc-relay"
+OUTBOX_RELAY_NAME = "outbox-relay"
+
+# The gray router's guard. The hash exists only while the guard is tripped, with fields
+# `threshold`, `value`, `limit`, `tripped_at` (epoch seconds) and `router` (host:pid). Every router
+# process reads it, so one trip diverts CQRS traffic on every replica.
+GRAY_GUARD_KEY = "gray:guard"
+# Requests each router served per target, in hashes of target to count, one per 10-second bucket.
+# The status page shows the last 10 minutes, and a bucket expires a minute after that window so a
+# late flush from a slow router process still lands in a live hash.
+GRAY_SPLIT_BUCKET_SECONDS = 10
+GRAY_SPLIT_BUCKET_TTL_SECONDS = 11 * 60
+
+
+def gray_split_key(bucket_start: int) -> str:
+    """Hash of target to requests served in the 10-second bucket starting at `bucket_start`."""
+    return f"gray:split:{bucket_start}"

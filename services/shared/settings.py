@@ -44,6 +44,10 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("INFO", validation_alias=_env("ZTCQRS_LOG_LEVEL"))
     phase: MigrationPhase = Field(MigrationPhase.CANARY, validation_alias=_env("ZTCQRS_PHASE"))
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"))
+    # Port of a worker's Prometheus endpoint, served on the service's host setting; 0 disables it.
+    # Unset, each worker uses its own default (services.cli.processes.WORKERS), so the workers
+    # that share a pod or a machine do not clash. HTTP services serve /metrics on their own port.
+    metrics_port: int | None = Field(None, ge=0, le=65535, validation_alias=_env("METRICS_PORT"))
 
     # Token verification, the same in every service.
     token_issuer: str = Field("http://127.0.0.1:8000", validation_alias=_env("ZTCQRS_TOKEN_ISSUER"))

@@ -24,12 +24,15 @@ Handlers must be idempotent, which version-gated apply makes them.
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
+from prometheus_client import Histogram
 from redis import exceptions as redis_errors
+from redis.asyncio.client import Pipeline
 
 from .clock import utc_now
 from .events import EnvelopeError, Event
@@ -58,6 +61,20 @@ class PermanentFailure(Exception):
 
 
 Handler = Callable[[str, str, Event], Awaitable[None]]
+# Queues more commands into the transaction that acknowledges a handled entry; called with the
+# pipeline, the stream, the entry id and the event. Those commands then happen exactly when the
+# acknowledgement does.
+AckHook = Callable[[Pipeline, str, str, Event], None]
+
+# From the append to the acknowledgement of a handled entry: the projection lag for the projector
+# group, the reverse-sync lag for the reverse-sync group, the ingest lag for the ingest group.
+APPLY_LAG = Histogram(
+    "ztcqrs_apply_lag_seconds",
+    "Time from an entry's append to its stream until the consumer group applied and "
+    "acknowledged it.",
+    ["stream", "group"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
 
 
 def connect(url: str) -> "redis.Redis":
@@ -155,6 +172,7 @@ class StreamConsumer:
         consumer: str,
         handler: Handler,
         options: ConsumerOptions | None = None,
+        on_acknowledge: AckHook | None = None,
     ) -> None:
         self.client = client
         self.streams = streams
@@ -162,6 +180,7 @@ class StreamConsumer:
         self.consumer = consumer
         self.handler = handler
         self.options = options or ConsumerOptions()
+        self.on_acknowledge = on_acknowledge
         self._stop = asyncio.Event()  # replaced by the event given to `run`
         self._outages = 0
         self._transient_failures = 0
@@ -324,7 +343,10 @@ class StreamConsumer:
             )
             await sleep_unless_stopped(self._stop, delay)
             return False
-        await self._acknowledge(stream, entry_id)
+        await self._acknowledge(stream, entry_id, event)
+        APPLY_LAG.labels(stream, self.group).observe(
+            max(time.time() * 1000 - parse_entry_id(entry_id)[0], 0) / 1000
+        )
         self._transient_failures = 0
         return True
 
@@ -346,10 +368,14 @@ class StreamConsumer:
         )
         await sleep_unless_stopped(self._stop, delay)
 
-    async def _acknowledge(self, stream: str, entry_id: str) -> None:
+    async def _acknowledge(self, stream: str, entry_id: str, event: Event | None = None) -> None:
+        """Acknowledge the entry; with the handled `event`, run `on_acknowledge` in the same
+        transaction."""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xack(stream, self.group, entry_id)
             pipe.hdel(failure_counts_key(stream, self.group), entry_id)
+            if event is not None and self.on_acknowledge is not None:
+                self.on_acknowledge(pipe, stream, entry_id, event)
             await pipe.execute()
 
     async def _count_failure(self, stream: str, entry_id: str) -> int:

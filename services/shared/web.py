@@ -204,7 +204,19 @@ def install_health_routes(app: FastAPI, checks: dict[str, ReadinessCheck]) -> No
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
+        for refresh in getattr(app.state, "metrics_refreshers", ()):
+            await refresh()
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def add_metrics_refresher(app: FastAPI, refresh: Callable[[], Awaitable[None]]) -> None:
+    """Await `refresh` before every scrape of `app`'s `/metrics`, for gauges read on demand.
+
+    `refresh` must handle its own errors, so one failing source does not fail the scrape.
+    """
+    if not hasattr(app.state, "metrics_refreshers"):
+        app.state.metrics_refreshers = []
+    app.state.metrics_refreshers.append(refresh)
 
 
 def verifier_of(request: Request) -> TokenVerifier:

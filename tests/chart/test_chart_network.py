@@ -34,7 +34,7 @@ RECONCILE_FLOWS = {
     ("reconcile", "auth", 8000),
     ("reconcile", "redis", 6379),
 }
-REDIS_CLIENTS = {"auth", "router", "monolith", "cqrs", "projector", "reverse-sync"}
+REDIS_CLIENTS = {"auth", "router", "monolith", "cqrs", "projector", "reverse-sync", "reconcile"}
 # Pods that open no connections at all, so not even DNS.
 SILENT = {"redis"}
 PUBLIC_ENTRY_POINTS = {("router", 8080), ("auth", 8000)}

@@ -8,7 +8,7 @@ import pytest
 
 from services.auth.settings import Settings as AuthSettings
 from services.cli.processes import SERVICES, WORKERS
-from services.cqrs.settings import Settings as CqrsSettings
+from services.cqrs.reconcile import ReconcileSettings
 from services.monolith.settings import Settings as MonolithSettings
 from services.router.settings import Settings as RouterSettings
 from services.shared.settings import ServiceSettings
@@ -25,7 +25,8 @@ SETTINGS_BY_PREFIX: dict[str, type[ServiceSettings]] = {
     "AUTH_": AuthSettings,
     "ROUTER_": RouterSettings,
     "MONOLITH_": MonolithSettings,
-    "CQRS_": CqrsSettings,
+    # The reconcile job reads the CQRS settings plus a few of its own under the same prefix.
+    "CQRS_": ReconcileSettings,
 }
 
 Manifest = dict[str, Any]

@@ -99,7 +99,8 @@ def test_monitoring_objects_rendered() -> None:
 
 def test_optional_objects_off_by_default() -> None:
     kinds = {item["kind"] for item in rendering_of("default").objects}
-    assert not kinds & {"ServiceMonitor", "PrometheusRule", "CronJob"}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule"}
+    assert "CronJob" in kinds  # the reconcile job runs by default
 
 
 def test_signing_key_generated_and_loadable(tmp_path: Path) -> None:
@@ -187,7 +188,7 @@ def test_notes_show_entry_points() -> None:
     notes = rendering_of("default").notes
     assert "port-forward svc/ztcqrs-router 8080:8080" in notes
     assert "port-forward svc/ztcqrs-auth 8000:8000" in notes
-    assert "reconcile.enabled=false" in notes
+    assert "reconcile.enabled=true" in notes
 
 
 def test_every_value_described() -> None:

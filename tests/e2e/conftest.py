@@ -167,19 +167,28 @@ def external_platform(environ: Mapping[str, str]) -> Platform:
 
 
 @contextlib.contextmanager
-def local_stack(data_dir: Path) -> Iterator[LocalStack]:
-    """Start every process with the local runner, supervised, and stop them all on exit."""
+def local_stack(
+    data_dir: Path, *, extra_env: Mapping[str, str] | None = None, supervise: bool = True
+) -> Iterator[LocalStack]:
+    """Start every process with the local runner and stop them all on exit.
+
+    `extra_env` adds settings to every process. With `supervise`, a background thread restarts
+    processes that die, as `ztcqrs up` does.
+    """
     config = PlatformConfig(
         data_dir=data_dir,
         ports={name: free_port() for name in ("auth", "monolith", "cqrs", "router")},
         redis_port=free_port(),
-        extra_env={"ROUTER_RULES_POLL_SECONDS": "0.2", "CQRS_CLAIM_IDLE_MS": "2000"},
+        extra_env={
+            "ROUTER_RULES_POLL_SECONDS": "0.2", "CQRS_CLAIM_IDLE_MS": "2000", **(extra_env or {})
+        },
     )
     runner = LocalPlatform(config)
     runner.start()
     stop_supervising = threading.Event()
     supervisor = threading.Thread(target=runner.supervise, args=(stop_supervising,), daemon=True)
-    supervisor.start()
+    if supervise:
+        supervisor.start()
     try:
         yield LocalStack(
             urls={service: config.url(service) for service in URL_VARIABLES},
@@ -191,7 +200,8 @@ def local_stack(data_dir: Path) -> Iterator[LocalStack]:
         )
     finally:
         stop_supervising.set()
-        supervisor.join()
+        if supervise:
+            supervisor.join()
         runner.stop()
 
 

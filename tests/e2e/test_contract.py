@@ -125,8 +125,9 @@ def test_get_and_list_own_orders(call: Callable[..., httpx.Response]) -> None:
     fetched = call("GET", "/orders/{id}", id=order["id"])
     assert fetched.status_code == 200
     assert fetched.json() == order
-    # A list reflects one's own write when the read carries the write's consistency token; the
-    # monolith sends none and needs none.
+    # A list reflects one's own write when the read carries the write's consistency token, which
+    # both sides send with every order write.
+    assert "X-Consistency-Token" in created.headers
     listed = call("GET", "/orders", consistency=created.headers.get("X-Consistency-Token"))
     assert listed.status_code == 200
     assert order["id"] in [item["id"] for item in listed.json()["orders"]]

@@ -32,10 +32,10 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from services.cli.runner import LocalPlatform, ManagedProcess, PlatformConfig
+from services.cli.runner import ManagedProcess
 from services.router.settings import DEFAULT_RULES_FILE
 from tests.conftest import free_port
-from tests.e2e.conftest import URL_VARIABLES, LocalStack, wait_for
+from tests.e2e.conftest import LocalStack, local_stack, wait_for
 
 AUDIENCE = "ztcqrs-api"
 READY_TIMEOUT_SECONDS = 30.0
@@ -255,25 +255,11 @@ def forge_for(platform: SecurityPlatform) -> "Forge":
 @pytest.fixture(scope="session")
 def security_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecurityPlatform]:
     data_dir = tmp_path_factory.mktemp("security-platform")
-    config = PlatformConfig(
-        data_dir=data_dir,
-        ports={name: free_port() for name in ("auth", "monolith", "cqrs", "router")},
-        redis_port=free_port(),
-        extra_env={"ROUTER_RULES_POLL_SECONDS": "0.2", "AUTH_KEYS_RELOAD_SECONDS": "0.2"},
-    )
-    runner = LocalPlatform(config)
-    runner.start()
-    try:
-        yield LocalStack(
-            urls={service: config.url(service) for service in URL_VARIABLES},
-            redis_url=runner.redis_url,
-            rules_path=runner.rules_file,
-            signing_key_path=data_dir / "keys" / "signing-key.pem",
-            runner=runner,
-            data_dir=data_dir,
-        )
-    finally:
-        runner.stop()
+    # Unsupervised: a test that kills a process expects it to stay down.
+    with local_stack(
+        data_dir, extra_env={"AUTH_KEYS_RELOAD_SECONDS": "0.2"}, supervise=False
+    ) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="session")

@@ -146,14 +146,27 @@ envFrom:
   - configMapRef:
       name: {{ include "ztcqrs.componentName" (dict "root" .root "component" (printf "%s-env" .envFrom)) }}
 {{- $redisEnv := ternary (list) (include "ztcqrs.redisEnv" .root | fromYamlArray) (.noRedis | default false) }}
-{{- $env := concat $redisEnv (.env | default list) (.extraEnv | default list) }}
+{{- $metricsEnv := list }}
+{{- with .metricsPort }}
+{{- $metricsEnv = list (dict "name" "METRICS_PORT" "value" (toString .)) }}
+{{- end }}
+{{- $env := concat $redisEnv $metricsEnv (.env | default list) (.extraEnv | default list) }}
 env:
   {{- toYaml $env | nindent 2 }}
-{{- with .port }}
+{{- if or .port .metricsPort }}
 ports:
+{{- with .port }}
   - name: http
     containerPort: {{ . }}
     protocol: TCP
+{{- end }}
+{{- with .metricsPort }}
+  - name: {{ $.metricsPortName | default "metrics" }}
+    containerPort: {{ . }}
+    protocol: TCP
+{{- end }}
+{{- end }}
+{{- if .port }}
 {{- include "ztcqrs.httpProbes" $ | trim | nindent 0 }}
 {{- else }}
 {{- if eq .probes "worker" }}

@@ -20,6 +20,7 @@ from services.shared.streams import (
     TransientFailure,
     connect,
 )
+from services.shared.user_gate import applied_marker
 
 from ..schema import open_write_model
 from ..settings import Settings
@@ -79,6 +80,7 @@ def build_consumer(
         consumer=settings.consumer_name,
         handler=CdcIngest(engine, authority=settings.phase.authority),
         options=options or consumer_options(settings),
+        on_acknowledge=applied_marker(INGEST_GROUP),
     )
 
 

@@ -1,6 +1,7 @@
 """Outbox relay: appends the write model's outbox rows to their streams, in `seq` order.
 
-Delivery is at least once, as `services.shared.relay` describes. Commands
+Delivery is at least once, as `services.shared.relay` describes. Every round reports the relay's
+lag (see `services.shared.migration_health`) at most once a second. Commands
 insert outbox rows under SQLite's single write lock, so rows commit in `seq` order and a row can
 never appear behind the checkpoint. Relayed rows are deleted in the checkpoint's transaction.
 """
@@ -8,12 +9,14 @@ never appear behind the checkpoint. Relayed rows are deleted in the checkpoint's
 import asyncio
 import json
 import logging
+import time
 
 import redis.asyncio as redis
 from sqlalchemy import Connection, Engine, delete, select
 
 from services.shared import relay
-from services.shared.names import CQRS_STREAM, STREAM_GROUPS
+from services.shared.migration_health import RelayLagReporter, observe_publish_lag
+from services.shared.names import CQRS_STREAM, OUTBOX_RELAY_NAME, STREAM_GROUPS
 from services.shared.streams import connect, trim_acknowledged
 
 from ..schema import open_write_model, outbox, relay_checkpoint
@@ -31,19 +34,34 @@ def read_checkpoint(engine: Engine, name: str = CHECKPOINT_NAME) -> int:
         return relay.read_checkpoint(connection, relay_checkpoint, name)
 
 
-OutboxRow = tuple[int, str, dict[str, str]]  # seq, stream, entry fields
+OutboxRow = tuple[int, str, dict[str, str], str]  # seq, stream, entry fields, created_at
 
 
 def read_outbox(engine: Engine, after_seq: int, limit: int) -> list[OutboxRow]:
-    """Return up to `limit` outbox rows after `after_seq` as (seq, stream, fields), in order."""
+    """Return up to `limit` outbox rows after `after_seq` as (seq, stream, fields, created_at),
+    in order."""
     query = (
-        select(outbox.c.seq, outbox.c.stream, outbox.c.fields)
+        select(outbox.c.seq, outbox.c.stream, outbox.c.fields, outbox.c.created_at)
         .where(outbox.c.seq > after_seq)
         .order_by(outbox.c.seq)
         .limit(limit)
     )
     with reading(engine) as connection:
-        return [(row.seq, row.stream, json.loads(row.fields)) for row in connection.execute(query)]
+        return [
+            (row.seq, row.stream, json.loads(row.fields), row.created_at)
+            for row in connection.execute(query)
+        ]
+
+
+def oldest_unrelayed(engine: Engine, name: str = CHECKPOINT_NAME) -> str | None:
+    """Return the `created_at` of the oldest outbox row after the checkpoint, or None."""
+    checkpoint = read_checkpoint(engine, name)
+    query = (
+        select(outbox.c.created_at).where(outbox.c.seq > checkpoint).order_by(outbox.c.seq).limit(1)
+    )
+    with reading(engine) as connection:
+        created_at = connection.scalar(query)
+    return None if created_at is None else str(created_at)
 
 
 def prune_outbox(connection: Connection, after_seq: int, up_to_seq: int) -> int:
@@ -64,9 +82,10 @@ async def relay_once(
     if not rows:
         return 0
     async with client.pipeline(transaction=True) as pipe:
-        for _seq, stream, fields in rows:
+        for _seq, stream, fields, _created_at in rows:
             pipe.xadd(stream, fields)  # type: ignore[arg-type]  # dict is invariant
         await pipe.execute()
+    observe_publish_lag(OUTBOX_RELAY_NAME, (row[3] for row in rows), now=time.time())
     last_seq = rows[-1][0]
     pruned = await asyncio.to_thread(
         lambda: relay.store_checkpoint(
@@ -86,10 +105,19 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     engine = open_write_model(settings)
     client = connect(settings.redis_url)
     ids = {"checkpoint_name": CHECKPOINT_NAME, "database_path": str(settings.database_file)}
+    reporter = RelayLagReporter(
+        client, OUTBOX_RELAY_NAME, lambda: asyncio.to_thread(oldest_unrelayed, engine)
+    )
+
+    async def round_and_report() -> int:
+        relayed = await relay_once(engine, client, batch_size=settings.relay_batch_size)
+        await reporter.maybe_report()
+        return relayed
+
     log.info("outbox relay started", extra={**ids, "batch_size": settings.relay_batch_size})
     try:
         await relay.run_relay(
-            lambda: relay_once(engine, client, batch_size=settings.relay_batch_size),
+            round_and_report,
             stop=stop,
             batch_size=settings.relay_batch_size,
             poll_interval_seconds=settings.relay_poll_interval_seconds,

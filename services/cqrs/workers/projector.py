@@ -12,6 +12,7 @@ import redis.asyncio as redis
 from services.shared.events import Event
 from services.shared.names import CDC_STREAM, CQRS_STREAM, PROJECTOR_GROUP
 from services.shared.streams import ConsumerOptions, PermanentFailure, StreamConsumer, connect
+from services.shared.user_gate import applied_marker
 
 from ..read_model import project_event
 from ..settings import Settings
@@ -56,6 +57,7 @@ def build_consumer(
         consumer=settings.consumer_name,
         handler=Projector(client, authority=settings.phase.authority),
         options=options or consumer_options(settings),
+        on_acknowledge=applied_marker(PROJECTOR_GROUP),
     )
 
 

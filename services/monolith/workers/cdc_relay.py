@@ -5,6 +5,10 @@ to the CQRS side. The checkpoint still moves past them. SQLite has one writer at
 transaction keeps the write lock until it commits, so rows become visible in `seq` order. A reader
 never sees seq n+1 while seq n is still uncommitted, and no row can appear behind the checkpoint.
 
+Each order change is appended together with its user's replication marker (`gate:published`, see
+`services.shared.user_gate`), and every round reports the relay's lag (see
+`services.shared.migration_health`) at most once a second.
+
 Relayed rows are pruned with the checkpoint, except each id's row with the highest version, which
 the triggers need (see `services.monolith.schema`). The change log therefore holds about one row
 per id plus the rows not yet relayed.
@@ -14,14 +18,17 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 
 import redis.asyncio as aioredis
 from sqlalchemy import Connection, Engine, RowMapping, select, text
 
 from services.shared import relay
 from services.shared.events import Event
-from services.shared.names import CDC_STREAM, ORIGIN_MONOLITH, STREAM_GROUPS
+from services.shared.migration_health import RelayLagReporter, observe_publish_lag
+from services.shared.names import CDC_RELAY_NAME, CDC_STREAM, ORIGIN_MONOLITH, STREAM_GROUPS
 from services.shared.streams import connect, trim_acknowledged
+from services.shared.user_gate import order_user, queue_append_marked
 
 from ..schema import change_log, open_database, relay_checkpoint
 from ..settings import Settings
@@ -69,6 +76,20 @@ def _read_batch(engine: Engine, batch_size: int) -> list[RowMapping]:
         return list(connection.execute(query).mappings())
 
 
+def oldest_unrelayed(engine: Engine) -> str | None:
+    """Return the `changed_at` of the oldest change-log row after the checkpoint, or None."""
+    with read_connection(engine) as connection:
+        after = relay.read_checkpoint(connection, relay_checkpoint, CHECKPOINT_NAME)
+        query = (
+            select(change_log.c.changed_at)
+            .where(change_log.c.seq > after)
+            .order_by(change_log.c.seq)
+            .limit(1)
+        )
+        changed_at = connection.scalar(query)
+        return None if changed_at is None else str(changed_at)
+
+
 # Deletes the relayed rows of the ids that the new rows touched, except each id's row with the
 # highest version (the latest such row when versions tie), which the triggers read. Limiting it to
 # those ids keeps each prune proportional to the batch, not to the whole log.
@@ -105,12 +126,20 @@ async def relay_once(engine: Engine, client: "aioredis.Redis", *, batch_size: in
     rows = await asyncio.to_thread(_read_batch, engine, batch_size)
     if not rows:
         return 0
-    events = [event_for_row(row) for row in rows if row["origin"] == ORIGIN_MONOLITH]
+    published = [row for row in rows if row["origin"] == ORIGIN_MONOLITH]
+    events = [event_for_row(row) for row in published]
     if events:
         async with client.pipeline(transaction=True) as pipe:
             for event in events:
-                pipe.xadd(CDC_STREAM, event.to_fields())  # type: ignore[arg-type]
+                user_id = order_user(event.aggregate, event.data)
+                if user_id is None:
+                    pipe.xadd(CDC_STREAM, event.to_fields())  # type: ignore[arg-type]
+                else:
+                    queue_append_marked(pipe, CDC_STREAM, user_id, event.to_fields())
             await pipe.execute()
+        observe_publish_lag(
+            CDC_RELAY_NAME, (row["changed_at"] for row in published), now=time.time()
+        )
     last_seq = int(rows[-1]["seq"])
     pruned = await asyncio.to_thread(
         lambda: relay.store_checkpoint(
@@ -142,10 +171,19 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         "database": str(settings.resolved_database_path),
     }
     checkpoint = await asyncio.to_thread(read_checkpoint, engine)
+    reporter = RelayLagReporter(
+        client, CDC_RELAY_NAME, lambda: asyncio.to_thread(oldest_unrelayed, engine)
+    )
+
+    async def round_and_report() -> int:
+        relayed = await relay_once(engine, client, batch_size=settings.relay_batch_size)
+        await reporter.maybe_report()
+        return relayed
+
     log.info("CDC relay started", extra={**ids, "checkpoint": checkpoint})
     try:
         await relay.run_relay(
-            lambda: relay_once(engine, client, batch_size=settings.relay_batch_size),
+            round_and_report,
             stop=stop,
             batch_size=settings.relay_batch_size,
             poll_interval_seconds=settings.relay_poll_interval_seconds,

@@ -1,0 +1,232 @@
+"""The router's status page (`GET /_gray/dashboard`): the status body rendered as one HTML page.
+
+The page loads nothing: the CSS is inline and allowed by its hash in the Content-Security-Policy,
+the chart is server-rendered SVG, and there is no script. Every value from the status body is
+HTML-escaped, because rule names, file paths and errors come from operators' files and Redis.
+"""
+
+import base64
+import hashlib
+import html
+import re
+from datetime import UTC, datetime
+from importlib import resources
+from string import Template
+from typing import Any
+
+from .rules import TARGETS
+
+_TEMPLATE_TEXT = resources.files(__package__).joinpath("dashboard.html").read_text("utf-8")
+_TEMPLATE = Template(_TEMPLATE_TEXT)
+
+
+def _style_hash(template: str) -> str:
+    match = re.search(r"<style>(.*?)</style>", template, re.DOTALL)
+    assert match is not None, "dashboard.html must contain one <style> element"
+    digest = hashlib.sha256(match.group(1).encode()).digest()
+    return "sha256-" + base64.b64encode(digest).decode()
+
+
+# Nothing but the page's own inline style may load or run.
+CONTENT_SECURITY_POLICY = (
+    f"default-src 'none'; style-src '{_style_hash(_TEMPLATE_TEXT)}'; img-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+DASHBOARD_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-type", b"text/html; charset=utf-8"),
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+)
+
+# Chart geometry in SVG user units.
+CHART_WIDTH = 600
+CHART_HEIGHT = 140
+CHART_TOP = 10
+CHART_BOTTOM = 20
+COLORS = {"monolith": "#6b7a99", "cqrs": "#2f8f5b"}
+
+
+def render_dashboard(status: dict[str, Any], *, phase: str) -> str:
+    """Render the status body as the dashboard page."""
+    guard = status.get("guard") or {}
+    split = status.get("split") or {}
+    health = status.get("health")
+    buckets: list[dict[str, Any]] = split.get("buckets") or []
+    totals = {target: sum(int(bucket.get(target, 0)) for bucket in buckets) for target in TARGETS}
+    served = sum(totals.values())
+    guard_class, guard_text = _guard_state(guard)
+    values = {
+        "generated_at": _time(datetime.now(UTC).timestamp()),
+        "phase": _escape(phase),
+        "rules_version": _escape(status.get("rules_version")),
+        "loaded_at": _escape(status.get("loaded_at")),
+        "rules_file": _escape(status.get("rules_file")),
+        "rules": _escape(", ".join(status.get("rules") or []) or "none"),
+        "rules_error": _escape(status.get("last_error") or "none"),
+        "guard_class": guard_class,
+        "guard_text": _escape(guard_text),
+        "guard_details": _guard_details(guard),
+        "monolith_total": _escape(totals["monolith"]),
+        "cqrs_total": _escape(totals["cqrs"]),
+        "cqrs_share": _escape(f"{totals['cqrs'] / served:.1%}" if served else "n/a"),
+        "bucket_seconds": _escape(split.get("bucket_seconds", 10)),
+        "split_error": _error(split.get("error")),
+        "split_chart": _split_chart(buckets),
+        "health_error": _error(guard.get("error") and f"Last health read failed: {guard['error']}"),
+        "groups_table": _groups_table(health),
+        "relays_table": _relays_table(health),
+        "drift": _drift(health),
+        "dead_letters": _dead_letters(health),
+    }
+    return _TEMPLATE.substitute(values)
+
+
+def _guard_state(guard: dict[str, Any]) -> tuple[str, str]:
+    """Return the CSS state name and the sentence that describes the guard."""
+    if guard.get("tripped"):
+        return "tripped", (
+            f"Tripped: {guard.get('threshold')} is {_number(guard.get('value'))}, above the limit "
+            f"of {_number(guard.get('limit'))}. Requests for cqrs go to the monolith."
+        )
+    if guard.get("frozen"):
+        return "frozen", "Frozen: every request goes to the monolith."
+    return "normal", "Not tripped: requests go where the rules send them."
+
+
+def _guard_details(guard: dict[str, Any]) -> str:
+    thresholds = guard.get("thresholds") or {}
+    limits = ", ".join(
+        f"{name} {_number(value)}" for name, value in thresholds.items() if value is not None
+    )
+    rows = [
+        ("Frozen", "yes" if guard.get("frozen") else "no"),
+        ("Tripped at", _time(guard.get("tripped_at"))),
+        ("Tripped by", guard.get("tripped_by") or "none"),
+        ("Reset at", _time(guard.get("reset_at"))),
+        ("Thresholds", limits or "none"),
+        ("Last check", _time(guard.get("checked_at"))),
+    ]
+    return "\n".join(f"<dt>{_escape(name)}</dt><dd>{_escape(value)}</dd>" for name, value in rows)
+
+
+def _split_chart(buckets: list[dict[str, Any]]) -> str:
+    """Return a stacked bar chart of requests per target per bucket as inline SVG."""
+    plot_height = CHART_HEIGHT - CHART_TOP - CHART_BOTTOM
+    peak = max((sum(int(b.get(t, 0)) for t in TARGETS) for b in buckets), default=0)
+    scale = plot_height / peak if peak else 0.0
+    bar = CHART_WIDTH / max(len(buckets), 1)
+    base = CHART_TOP + plot_height
+    shapes: list[str] = []
+    for index, bucket in enumerate(buckets):
+        x = index * bar
+        y = float(base)
+        label = ", ".join(f"{target} {int(bucket.get(target, 0))}" for target in TARGETS)
+        title = f"{_time(bucket.get('start'))}: {label}"
+        for target in TARGETS:
+            height = int(bucket.get(target, 0)) * scale
+            if height <= 0:
+                continue
+            y -= height
+            shapes.append(
+                f'<rect class="bar-{target}" x="{x + 1:.1f}" y="{y:.1f}" width="{bar - 2:.1f}" '
+                f'height="{height:.1f}" fill="{COLORS[target]}"><title>{_escape(title)}</title>'
+                "</rect>"
+            )
+    axis = (
+        f'<line x1="0" y1="{base}" x2="{CHART_WIDTH}" y2="{base}" stroke="#9aa3b0"/>'
+        f'<text x="0" y="{CHART_HEIGHT - 4}" font-size="11" fill="#5b6472">10 min ago</text>'
+        f'<text x="{CHART_WIDTH}" y="{CHART_HEIGHT - 4}" font-size="11" fill="#5b6472" '
+        'text-anchor="end">now</text>'
+        f'<text x="0" y="{CHART_TOP}" font-size="11" fill="#5b6472">{peak} per bucket</text>'
+    )
+    return (
+        f'<svg id="split-chart" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" width="{CHART_WIDTH}" '
+        f'height="{CHART_HEIGHT}" role="img" aria-label="Requests per target per bucket">'
+        f"{axis}{''.join(shapes)}</svg>"
+    )
+
+
+def _groups_table(health: dict[str, Any] | None) -> str:
+    if health is None:
+        return '<p class="muted">No health snapshot read yet.</p>'
+    rows = [
+        (group.get("stream"), group.get("group"), group.get("pending"),
+         group.get("lag_entries"), _number(group.get("lag_seconds")))
+        for group in health.get("groups") or []
+    ]
+    header = ("Stream", "Group", "Pending", "Undelivered", "Lag (s)")
+    read_at = (
+        f'<p class="muted">Read at {_escape(_time(health.get("taken_at")))}; max lag '
+        f'{_escape(_number(health.get("max_lag_seconds")))} s.</p>'
+    )
+    return read_at + _table("lag-table", header, rows)
+
+
+def _relays_table(health: dict[str, Any] | None) -> str:
+    if health is None:
+        return '<p class="muted">No health snapshot read yet.</p>'
+    relays = health.get("relay_lag_seconds") or {}
+    rows = [(name, _number(lag)) for name, lag in relays.items()]
+    return _table("relay-table", ("Relay", "Oldest unrelayed row (s)"), rows)
+
+
+def _drift(health: dict[str, Any] | None) -> str:
+    reconcile = None if health is None else health.get("reconcile")
+    if reconcile is None:
+        return '<p class="muted" id="drift-summary">No reconcile run has finished yet.</p>'
+    rows = [
+        ("Finished at", _time(reconcile.get("finished_at"))),
+        ("Missing", reconcile.get("missing")),
+        ("Stale", reconcile.get("stale")),
+        ("Conflicts", reconcile.get("conflicting")),
+        ("Drift entities", reconcile.get("drift_entities")),
+    ]
+    items = "\n".join(f"<dt>{_escape(name)}</dt><dd>{_escape(value)}</dd>" for name, value in rows)
+    return f'<dl id="drift-summary">\n{items}\n</dl>'
+
+
+def _dead_letters(health: dict[str, Any] | None) -> str:
+    if health is None:
+        return '<p class="muted">No health snapshot read yet.</p>'
+    counts = health.get("dead_letters") or {}
+    rows = [(stream, count) for stream, count in counts.items()]
+    total = (
+        f'<p>Total: <span id="dead-letter-total">{_escape(health.get("dead_letter_total"))}'
+        "</span></p>"
+    )
+    return total + _table("dead-letter-table", ("Stream", "Dead letters"), rows)
+
+
+def _table(element_id: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    head = "".join(f"<th>{_escape(name)}</th>" for name in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_escape(value)}</td>" for value in row) + "</tr>" for row in rows
+    )
+    if not rows:
+        body = f'<tr><td colspan="{len(header)}" class="muted">none</td></tr>'
+    return f'<table id="{element_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _error(message: Any) -> str:
+    return f'<p class="error">{_escape(message)}</p>' if message else ""
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        return f"{value:.4g}" if abs(value) < 1 else f"{value:.1f}"
+    return "n/a" if value is None else str(value)
+
+
+def _time(epoch: Any) -> str:
+    """Format epoch seconds as UTC ISO 8601, or "never" when absent."""
+    if not isinstance(epoch, int | float) or isinstance(epoch, bool):
+        return "never"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _escape(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
