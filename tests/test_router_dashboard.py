@@ -7,7 +7,7 @@ Playwright's own browser builds. The page is saved to `test-artifacts/dashboard.
 import asyncio
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,8 +18,12 @@ import redis
 from playwright.async_api import ConsoleMessage, Request, async_playwright
 
 from services.router.dashboard import render_dashboard
-from services.shared.migration_health import RECONCILE_LAST_KEY
-from services.shared.names import CDC_STREAM, dead_letter_stream
+from services.shared.names import (
+    CDC_STREAM,
+    GATE_PUBLISHED_KEY,
+    RECONCILE_LAST_KEY,
+    dead_letter_stream,
+)
 from tests.conftest import SigningKey
 from tests.test_router_proxy import StandIn, router_settings, running_router
 
@@ -29,6 +33,8 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 WAIT_SECONDS = 10.0
 # A folder name that is HTML; the page shows the rules file path, so it must escape it.
 HOSTILE_NAME = "rules <img src=x onerror=alert(1)>"
+# A user with a published change that no consumer group applied, so the gate keeps holding them.
+WAITING_USER = "bob"
 
 RULES = """\
 version: 1
@@ -43,6 +49,11 @@ rules:
     match:
       paths: ["/products/**"]
     target: cqrs
+shadow:
+  percent: 100
+  max_samples: 5
+gate:
+  enabled: true
 """
 
 
@@ -82,6 +93,49 @@ def admin_headers(signing_key: SigningKey) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+async def hold_users(
+    router: httpx.AsyncClient, redis_url: str, signing_key: SigningKey, user: dict[str, str]
+) -> None:
+    """Get `user` through the gate, and leave WAITING_USER held behind it.
+
+    `user` has no published change, so the gate holds their first request and allows them once
+    its background check has run. Each stand-in returns its own name in the body, so every
+    shadow read of /products is a mismatch.
+    """
+    store = redis.Redis.from_url(redis_url, decode_responses=True)
+    store.hset(GATE_PUBLISHED_KEY, WAITING_USER, "1-0")
+    store.close()
+    waiting = {"Authorization": f"Bearer {signing_key.token(WAITING_USER)}"}
+    response = await router.get("/products", headers=waiting)
+    assert response.headers["x-gray-target"] == "monolith"
+
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        response = await router.get("/products", headers=user)
+        if response.headers["x-gray-target"] == "cqrs":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the gate did not allow a user without published changes")
+
+
+async def wait_for_status(
+    router: httpx.AsyncClient, admin: dict[str, str], ready: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Poll `/_gray/status` until `ready` accepts its body, and return that body."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        status: dict[str, Any] = (await router.get("/_gray/status", headers=admin)).json()
+        if ready(status):
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the status body did not reach the expected state: {status}")
+
+
+def shadow_and_gate_ready(status: dict[str, Any]) -> bool:
+    shadow, gate = status["shadow"], status["gate"]
+    return bool(shadow["samples"]) and gate["users_waiting"] == 1
+
+
 async def trip_on_drift(
     router: httpx.AsyncClient, redis_url: str, user: dict[str, str]
 ) -> None:
@@ -113,10 +167,11 @@ async def test_dashboard_in_chromium(
 ) -> None:
     user = {"Authorization": f"Bearer {signing_key.token('alice')}"}
     admin = admin_headers(signing_key)
+    await hold_users(router, redis_url, signing_key, user)
     await trip_on_drift(router, redis_url, user)
     # Wait for the guard loop to flush this process's split counts to Redis.
     await asyncio.sleep(0.5)
-    status = (await router.get("/_gray/status", headers=admin)).json()
+    status = await wait_for_status(router, admin, shadow_and_gate_ready)
     base_url = str(router.base_url).rstrip("/")
 
     check_chromium()
@@ -147,6 +202,18 @@ async def test_dashboard_in_chromium(
             bars = await page.locator("#split-chart rect").count()
             chart_count = await page.locator("svg#split-chart").count()
             hostile_images = await page.locator("img").count()
+            headings = await page.locator("h2").all_inner_texts()
+            shadow_percent = await page.inner_text("#shadow-percent")
+            shadow_mismatches = await page.inner_text("#shadow-mismatches")
+            shadow_match_share = await page.inner_text("#shadow-match-share")
+            sample_header = await page.locator("#shadow-samples th").all_inner_texts()
+            first_sample = await page.locator("#shadow-samples tbody tr").first.locator(
+                "td"
+            ).all_inner_texts()
+            sample_rows = await page.locator("#shadow-samples tbody tr").count()
+            gate_enabled = await page.inner_text("#gate-enabled")
+            gate_held = await page.inner_text("#gate-held")
+            gate_waiting = await page.inner_text("#gate-users-waiting")
             background = await page.evaluate(
                 "getComputedStyle(document.body).backgroundColor"
             )
@@ -166,6 +233,24 @@ async def test_dashboard_in_chromium(
     assert "canary" in body_text
     assert "Conflicts\n2" in body_text or "Conflicts\t2" in body_text
     assert HOSTILE_NAME in body_text
+    assert "Shadow reads" in headings
+    assert "Recent mismatches" in headings
+    assert "Per-user gate" in headings
+    assert shadow_percent.startswith("100%")
+    assert int(shadow_mismatches) >= 1
+    # Every compared read differs in the stand-ins' "server" field.
+    assert shadow_match_share == "0.0%"
+    assert sample_header == [
+        "Time", "Request ID", "Method", "Path", "monolith status", "cqrs status", "Difference",
+    ]
+    assert 1 <= sample_rows <= 5
+    assert first_sample[2] == "GET"
+    assert first_sample[3] == "/products"
+    assert first_sample[4:6] == ["200", "200"]
+    assert "$.server" in first_sample[6]
+    assert gate_enabled == "yes"
+    assert int(gate_held) >= 2
+    assert gate_waiting == str(status["gate"]["users_waiting"])
     assert hostile_images == 0
     # The inline style passed the Content-Security-Policy, so its hash is right.
     assert background == "rgb(246, 247, 249)"
@@ -199,9 +284,40 @@ def test_dashboard_escapes_status_values() -> None:
         "guard": {"tripped": True, "threshold": hostile, "value": 1, "limit": 0},
         "health": None,
         "split": {"bucket_seconds": 10, "buckets": [], "error": hostile},
+        "shadow": {
+            "percent": 5.0, "matches": 0, "mismatches": 1, "errors": 0, "dropped": 0,
+            "in_flight": 0,
+            "samples": [{
+                "at": 0, "request_id": hostile, "method": hostile, "path": hostile,
+                "monolith": {"status": hostile}, "cqrs": {"status": 200}, "diff": hostile,
+            }],
+        },
+        "gate": {"enabled": True, "held": hostile, "users_waiting": hostile},
     }
 
     page = render_dashboard(status, phase=hostile)
 
     assert "<script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 8
+
+
+def test_dashboard_shadow_match_share() -> None:
+    status: dict[str, Any] = {
+        "shadow": {"percent": 2.5, "matches": 3, "mismatches": 1, "errors": 5, "dropped": 2},
+        "gate": {"enabled": False, "held": 0, "users_waiting": 0},
+    }
+
+    page = render_dashboard(status, phase="canary")
+
+    assert '<dd id="shadow-match-share">75.0%</dd>' in page
+    assert '<dd id="shadow-percent">2.5% of 2xx GET and HEAD</dd>' in page
+    assert '<dd id="gate-enabled">no</dd>' in page
+    assert '<td colspan="7" class="muted">none</td>' in page
+
+
+def test_dashboard_without_compared_reads() -> None:
+    page = render_dashboard({"shadow": {"percent": 0.0, "errors": 1}}, phase="canary")
+
+    assert '<dd id="shadow-match-share">n/a</dd>' in page
+    assert '<dd id="gate-held">n/a</dd>' in page

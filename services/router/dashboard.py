@@ -79,6 +79,9 @@ def render_dashboard(status: dict[str, Any], *, phase: str) -> str:
         "relays_table": _relays_table(health),
         "drift": _drift(health),
         "dead_letters": _dead_letters(health),
+        "shadow": _shadow(status.get("shadow") or {}),
+        "shadow_samples": _shadow_samples(status.get("shadow") or {}),
+        "gate": _gate(status.get("gate") or {}),
     }
     return _TEMPLATE.substitute(values)
 
@@ -197,6 +200,70 @@ def _dead_letters(health: dict[str, Any] | None) -> str:
         "</span></p>"
     )
     return total + _table("dead-letter-table", ("Stream", "Dead letters"), rows)
+
+
+def _shadow(shadow: dict[str, Any]) -> str:
+    matches = int(shadow.get("matches") or 0)
+    compared = matches + int(shadow.get("mismatches") or 0)
+    rows = [
+        ("Sample rate", f"{_number(shadow.get('percent'))}% of 2xx GET and HEAD", "shadow-percent"),
+        ("Matches", shadow.get("matches"), "shadow-matches"),
+        ("Mismatches", shadow.get("mismatches"), "shadow-mismatches"),
+        ("Errors", shadow.get("errors"), "shadow-errors"),
+        ("Dropped", shadow.get("dropped"), "shadow-dropped"),
+        ("In flight", shadow.get("in_flight"), "shadow-in-flight"),
+        # Errors and dropped reads were never compared, so they are not part of the share.
+        ("Match share", f"{matches / compared:.1%}" if compared else "n/a", "shadow-match-share"),
+    ]
+    return _definitions(rows)
+
+
+def _shadow_samples(shadow: dict[str, Any]) -> str:
+    """Return the recent mismatch samples as a table, newest first."""
+    samples: list[dict[str, Any]] = shadow.get("samples") or []
+    rows = [
+        (
+            _time(sample.get("at")),
+            sample.get("request_id"),
+            sample.get("method"),
+            sample.get("path"),
+            *(_sample_status(sample, target) for target in TARGETS),
+            sample.get("diff"),
+        )
+        for sample in reversed(samples)
+    ]
+    header = ("Time", "Request ID", "Method", "Path",
+              *(f"{target} status" for target in TARGETS), "Difference")
+    legend = (
+        '<p class="muted">Newest first. A difference reads '
+        "<code>JSON path: serving side != shadow side</code>.</p>"
+    )
+    return legend + _table("shadow-samples", header, rows)
+
+
+def _sample_status(sample: dict[str, Any], target: str) -> Any:
+    side = sample.get(target)
+    return side.get("status") if isinstance(side, dict) else None
+
+
+def _gate(gate: dict[str, Any]) -> str:
+    rows = [
+        ("Enabled", "yes" if gate.get("enabled") else "no", "gate-enabled"),
+        ("Held requests", gate.get("held"), "gate-held"),
+        ("Users waiting", gate.get("users_waiting"), "gate-users-waiting"),
+        ("Users allowed", gate.get("users_allowed"), "gate-users-allowed"),
+        ("Checks in flight", gate.get("checks_in_flight"), "gate-checks-in-flight"),
+        ("Failed checks", gate.get("check_failures"), "gate-check-failures"),
+    ]
+    return _definitions(rows)
+
+
+def _definitions(rows: list[tuple[str, Any, str]]) -> str:
+    """Return `<dt>`/`<dd>` pairs from (name, value, id of the `<dd>`) rows."""
+    return "\n".join(
+        f'<dt>{_escape(name)}</dt><dd id="{element_id}">{_escape(_number(value))}</dd>'
+        for name, value, element_id in rows
+    )
 
 
 def _table(element_id: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
