@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,9 @@ PROJECTED_AGGREGATES = frozenset({ORDER, PRODUCT})
 # Maximum WATCH/MULTI attempts per event. Each failed attempt means that another projector changed
 # the same key in between. After the last one the event fails and the consumer retries it later.
 MAX_WATCH_ATTEMPTS = 50
+# Attempts of a whole batch before the projector falls back to one event at a time, because a
+# batch touches more keys and so loses the race more often when projectors run in parallel.
+MAX_BATCH_WATCH_ATTEMPTS = 3
 VERSION_POLL_SECONDS = 0.02
 
 
@@ -160,6 +164,47 @@ async def project_event(client: "redis.Redis", event: Event, *, authority: str) 
     )
 
 
+async def project_events(
+    client: "redis.Redis", events: Sequence[Event], *, authority: str
+) -> list[Decision | None]:
+    """Apply events in order to the read model as `project_event` does, in one WATCH/MULTI.
+
+    Every key the batch reads is watched, so the batch applies only when no other client changed
+    them meanwhile, and then atomically. Each event is decided against the writes of the events
+    before it. The batch is tried `MAX_BATCH_WATCH_ATTEMPTS` times. Returns one decision per
+    event, None for aggregates that are not projected. Raises InvalidState for the first event
+    whose data is invalid, and WatchError when every attempt lost the race. Nothing is applied
+    then.
+    """
+    changes: list[_Change | None] = []
+    for event in events:
+        if event.aggregate not in PROJECTED_AGGREGATES:
+            changes.append(None)
+            continue
+        state = event_state(event)
+        changes.append(_Change(
+            aggregate=event.aggregate, state=state, deleted=event.deleted, origin=event.origin,
+            score=_creation_score(state) if event.aggregate == ORDER else 0.0,
+        ))
+    projected = [change for change in changes if change is not None]
+    if not projected:
+        return [None] * len(changes)
+    for attempt in range(1, MAX_BATCH_WATCH_ATTEMPTS + 1):
+        try:
+            decisions = iter(await _project_batch_once(client, projected, authority))
+            break
+        except WatchError:
+            if attempt == MAX_BATCH_WATCH_ATTEMPTS:
+                raise
+            log.debug("read model keys changed during a batch projection; retrying",
+                      extra={"count": len(projected), "attempt": attempt})
+    results = [None if change is None else next(decisions) for change in changes]
+    for event, decision in zip(events, results, strict=True):
+        if decision is not None:
+            _log_conflict(event, decision)
+    return results
+
+
 async def stage_state(
     client: "redis.Redis", prefix: str, aggregate: str, state: dict[str, Any], *, origin: str,
     authority: str,
@@ -264,6 +309,82 @@ async def _project_once(client: "redis.Redis", change: _Change, authority: str) 
             _queue_change(pipe, change, str(staging), staging=True)
         await pipe.execute()
     return decision
+
+
+async def _project_batch_once(
+    client: "redis.Redis", changes: list[_Change], authority: str
+) -> list[Decision]:
+    live_keys = [state_key(change.aggregate, change.state["id"]) for change in changes]
+    async with client.pipeline(transaction=True) as pipe:
+        await pipe.watch(READ_MODEL_REBUILD_KEY, *dict.fromkeys(live_keys))
+        # Read on another connection, in one round trip. A value read after the WATCH returned
+        # is at least as new as at the WATCH, and a change after the WATCH fails the EXEC, so
+        # the reads are as safe as reads on the watching connection.
+        staging, live_stored = await _read_stored_many(client, live_keys)
+        staging_keys: list[str] = []
+        staging_stored: dict[str, _Stored] = {}
+        if staging is not None:
+            staging_keys = [
+                state_key(change.aggregate, change.state["id"], staging) for change in changes
+            ]
+            await pipe.watch(*dict.fromkeys(staging_keys))
+            _, staging_stored = await _read_stored_many(client, staging_keys)
+
+        # Decide in order, as if each earlier write of the batch were already stored.
+        decisions: list[Decision] = []
+        writes: list[tuple[_Change, str, bool]] = []  # change, prefix, staging
+        for index, change in enumerate(changes):
+            key = live_keys[index]
+            decision = _decide(live_stored[key], change, authority)
+            decisions.append(decision)
+            if decision.applies:
+                writes.append((change, READ_MODEL_PREFIX, False))
+                live_stored[key] = _stored_after(change, staging=False)
+            if staging is not None:
+                key = staging_keys[index]
+                if _decide(staging_stored[key], change, authority, staging=True).applies:
+                    writes.append((change, staging, True))
+                    staging_stored[key] = _stored_after(change, staging=True)
+        if not writes:
+            await pipe.unwatch()  # type: ignore[no-untyped-call]
+            return decisions
+        pipe.multi()  # type: ignore[no-untyped-call]
+        for change, prefix, is_staging in writes:
+            _queue_change(pipe, change, prefix, staging=is_staging)
+        await pipe.execute()
+    return decisions
+
+
+async def _read_stored_many(
+    client: "redis.Redis", keys: list[str]
+) -> tuple[str | None, dict[str, _Stored]]:
+    """Return the rebuild's staging prefix (None when no rebuild runs) and the stored version of
+    each key."""
+    unique = list(dict.fromkeys(keys))
+    async with client.pipeline(transaction=False) as reads:
+        reads.get(READ_MODEL_REBUILD_KEY)
+        for key in unique:
+            reads.hmget(key, ["version", "hash", "deleted"])
+        staging, *replies = await reads.execute()
+    stored = {
+        key: _Stored(
+            version=None if version is None else int(version),
+            hash=None if digest is None else str(digest),
+            tombstone=deleted is not None,
+        )
+        for key, (version, digest, deleted) in zip(unique, replies, strict=True)
+    }
+    return None if staging is None else str(staging), stored
+
+
+def _stored_after(change: _Change, *, staging: bool) -> _Stored:
+    """Return what `_queue_change` leaves stored for `change`."""
+    version = int(change.state["version"])
+    if change.deleted:
+        if staging:
+            return _Stored(version=version, hash=None, tombstone=True)
+        return _Stored(version=None, hash=None, tombstone=False)
+    return _Stored(version=version, hash=content_hash(change.state), tombstone=False)
 
 
 def _queue_change(pipe: Any, change: _Change, prefix: str, *, staging: bool) -> None:

@@ -3,13 +3,15 @@
 Every function here is blocking; async callers run it in a worker thread.
 """
 
+import functools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Table, delete, insert, select
+from sqlalchemy import Connection, Engine, Row, Select, Table, bindparam, delete, insert, select
+from sqlalchemy.dialects.sqlite import Insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from services.shared.clock import utc_now
@@ -53,23 +55,41 @@ def state_to_row(aggregate: str, state: dict[str, Any], *, origin: str) -> dict[
     return row
 
 
-def load_state(connection: Connection, aggregate: str, aggregate_id: str) -> dict[str, Any] | None:
+# The statements below are built once per aggregate and run with bound parameters, because
+# building a statement anew for each event costs several times more than running it.
+
+
+@functools.cache
+def _select_statement(aggregate: str) -> Select[Any]:
     table = AGGREGATE_TABLES[aggregate]
-    row = connection.execute(select(table).where(table.c.id == aggregate_id)).first()
+    return select(table).where(table.c.id == bindparam("aggregate_id"))
+
+
+@functools.cache
+def _upsert_statement(aggregate: str) -> Insert:
+    table = AGGREGATE_TABLES[aggregate]
+    statement = sqlite_insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.id],
+        set_={
+            column.name: statement.excluded[column.name]
+            for column in table.columns
+            if column.name != "id"
+        },
+    )
+
+
+def load_state(connection: Connection, aggregate: str, aggregate_id: str) -> dict[str, Any] | None:
+    row = connection.execute(
+        _select_statement(aggregate), {"aggregate_id": aggregate_id}
+    ).first()
     return None if row is None else row_to_state(aggregate, row)
 
 
 def upsert_state(
     connection: Connection, aggregate: str, state: dict[str, Any], *, origin: str
 ) -> None:
-    table = AGGREGATE_TABLES[aggregate]
-    row = state_to_row(aggregate, state, origin=origin)
-    statement = sqlite_insert(table).values(row)
-    statement = statement.on_conflict_do_update(
-        index_elements=[table.c.id],
-        set_={name: statement.excluded[name] for name in row if name != "id"},
-    )
-    connection.execute(statement)
+    connection.execute(_upsert_statement(aggregate), state_to_row(aggregate, state, origin=origin))
 
 
 def apply_event(engine: Engine, event: Event, *, authority: str) -> Decision:
@@ -86,37 +106,53 @@ def apply_event(engine: Engine, event: Event, *, authority: str) -> Decision:
 
     Raises InvalidState when the event's data is not a valid state of its aggregate.
     """
+    return apply_events(engine, [event], authority=authority)[0]
+
+
+def apply_events(engine: Engine, events: Sequence[Event], *, authority: str) -> list[Decision]:
+    """Apply events in order in one transaction, each by version as `apply_event` does.
+
+    Returns one decision per event. Each event reads the writes of the events before it. Raises
+    InvalidState, or the database error, for the first event that fails, and then nothing of the
+    batch is applied.
+    """
+    with engine.begin() as connection:
+        decisions = [_apply_in(connection, event, authority) for event in events]
+    for decision in decisions:
+        if decision.conflict:
+            SYNC_CONFLICTS.labels("cqrs-write", decision.value).inc()
+    return decisions
+
+
+def _apply_in(connection: Connection, event: Event, authority: str) -> Decision:
     state = event_state(event)
     aggregate = event.aggregate
-    with engine.begin() as connection:
-        local = load_state(connection, aggregate, event.aggregate_id)
-        if event.deleted:
-            return _apply_deletion(connection, AGGREGATE_TABLES[aggregate], state, local)
-        decision = decide(
-            local_version=None if local is None else int(local["version"]),
-            local_hash=None if local is None else content_hash(local),
-            incoming_version=state["version"],
-            incoming_hash=content_hash(state),
-            incoming_origin=event.origin,
-            authority=authority,
-        )
-        if decision.conflict:
-            assert local is not None  # decide reports a conflict only against a stored state
-            record_conflict(
-                connection, aggregate, local=local, incoming=state, incoming_origin=event.origin,
-                resolution=decision,
-            )
-            log.warning(
-                "conflicting state received",
-                extra={"aggregate": aggregate, "aggregate_id": event.aggregate_id,
-                       "version": state["version"], "event_id": event.id,
-                       "origin": event.origin, "resolution": decision.value},
-            )
-        if decision.applies:
-            upsert_state(connection, aggregate, state, origin=event.origin)
-            _count_apply(connection, aggregate, state)
+    local = load_state(connection, aggregate, event.aggregate_id)
+    if event.deleted:
+        return _apply_deletion(connection, AGGREGATE_TABLES[aggregate], state, local)
+    decision = decide(
+        local_version=None if local is None else int(local["version"]),
+        local_hash=None if local is None else content_hash(local),
+        incoming_version=state["version"],
+        incoming_hash=content_hash(state),
+        incoming_origin=event.origin,
+        authority=authority,
+    )
     if decision.conflict:
-        SYNC_CONFLICTS.labels("cqrs-write", decision.value).inc()
+        assert local is not None  # decide reports a conflict only against a stored state
+        record_conflict(
+            connection, aggregate, local=local, incoming=state, incoming_origin=event.origin,
+            resolution=decision,
+        )
+        log.warning(
+            "conflicting state received",
+            extra={"aggregate": aggregate, "aggregate_id": event.aggregate_id,
+                   "version": state["version"], "event_id": event.id,
+                   "origin": event.origin, "resolution": decision.value},
+        )
+    if decision.applies:
+        upsert_state(connection, aggregate, state, origin=event.origin)
+        _count_apply(connection, aggregate, state)
     return decision
 
 

@@ -28,9 +28,9 @@ class Settings(ServiceSettings):
     # CDC relay: change-log rows read per batch, the pause when the log is drained, and the backoff
     # between retries while Redis or the database fails.
     relay_batch_size: int = Field(500, ge=1, le=10_000)
-    # The pause adds about half its length to the average sync lag. Each idle round reads the
-    # checkpoint and the log, so a shorter pause costs more CPU while nothing changes.
-    relay_poll_interval_seconds: float = Field(0.01, gt=0, le=60)
+    # The pause adds about half its length to the average sync lag. An idle relay reads the log
+    # only after a commit, so a short pause costs little CPU while nothing changes.
+    relay_poll_interval_seconds: float = Field(0.002, gt=0, le=60)
     relay_retry_base_seconds: float = Field(0.2, gt=0, le=60)
     relay_retry_max_seconds: float = Field(10.0, gt=0, le=600)
     # Seconds between trims of `cdc.monolith` to the entries some group has not acknowledged, and

@@ -6,6 +6,7 @@ failing with `database is locked` when it first writes. Read-only work opts into
 with `engine.connect().execution_options(sqlite_begin="DEFERRED")`.
 """
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.dialects.sqlite import Insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 BUSY_TIMEOUT_MS = 30_000
@@ -74,11 +76,17 @@ def count_apply(
     connection: Connection, table: Table, *, aggregate: str, aggregate_id: str, version: int
 ) -> None:
     """Add one to the apply counter of `version` of an entity, in the caller's transaction."""
-    statement = sqlite_insert(table).values(
-        aggregate=aggregate, aggregate_id=aggregate_id, version=version, applies=1
+    connection.execute(
+        _count_apply_statement(table),
+        {"aggregate": aggregate, "aggregate_id": aggregate_id, "version": version, "applies": 1},
     )
-    statement = statement.on_conflict_do_update(
+
+
+@functools.cache
+def _count_apply_statement(table: Table) -> Insert:
+    # Built once per table, because building it costs more than running it.
+    statement = sqlite_insert(table)
+    return statement.on_conflict_do_update(
         index_elements=[table.c.aggregate, table.c.aggregate_id, table.c.version],
         set_={"applies": table.c.applies + 1},
     )
-    connection.execute(statement)

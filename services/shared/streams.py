@@ -1,8 +1,13 @@
 """Redis Streams: appending events, consumer groups that apply them at least once, and trimming.
 
-A `StreamConsumer` reads its group's entries, hands each event to a handler and acknowledges it
-only after the handler returns. Entries left pending by a consumer that died are claimed after
-`claim_idle_ms`. What happens after a handler error depends on its kind:
+A `StreamConsumer` reads its group's entries in batches, hands the events to a handler and
+acknowledges them only after the handler applied them: a `Handler` takes one entry at a time, a
+`BatchHandler` a whole batch of one stream. The entries of a batch that applied are acknowledged
+together in one MULTI/EXEC. Entries left pending by a consumer that died are claimed after
+`claim_idle_ms`, looked for every `claim_idle_ms / 2`. A consumer reads its own pending entries
+again only after it starts, reconnects or fails on an entry, because otherwise it has none. What
+happens after a handler error depends on its kind, and one entry's error never holds back the
+acknowledgement of the others in its batch:
 
 - `TransientFailure`, or Redis itself unreachable: a dependency is down. The entry stays pending
   and the consumer backs off and retries it for as long as the outage lasts, without counting a
@@ -17,8 +22,9 @@ Failed attempts are counted in a Redis hash (`failure_counts_key`) rather than t
 delivery count, because every read of a consumer's pending entries and every claim raises the
 delivery count.
 
-When `stop` is set the consumer finishes and acknowledges the entry in hand, and releases the
-entries of its batch that it has not started, so that another consumer claims them at once.
+When `stop` is set the consumer finishes and acknowledges the entry in hand (a `BatchHandler`'s
+whole batch), and releases the entries of its batch that it has not started, so that another
+consumer claims them at once.
 Handlers must be idempotent, which version-gated apply makes them.
 """
 
@@ -61,6 +67,11 @@ class PermanentFailure(Exception):
 
 
 Handler = Callable[[str, str, Event], Awaitable[None]]
+# Applies a batch of one stream's entries, in order, given as (entry id, event) pairs. Returns one
+# outcome per entry: None when it applied, or the exception that applying it raised, which the
+# consumer treats as if a `Handler` had raised it. An entry not attempted because a dependency went
+# down gets a `TransientFailure`. Raising instead fails the whole batch, which stays pending.
+BatchHandler = Callable[[str, list[tuple[str, Event]]], Awaitable[list[Exception | None]]]
 # Queues more commands into the transaction that acknowledges a handled entry; called with the
 # pipeline, the stream, the entry id and the event. Those commands then happen exactly when the
 # acknowledgement does.
@@ -161,7 +172,10 @@ class ConsumerOptions:
 
 
 class StreamConsumer:
-    """One consumer in a group over one or more streams."""
+    """One consumer in a group over one or more streams.
+
+    Give either `handler` or `batch_handler`.
+    """
 
     def __init__(
         self,
@@ -170,25 +184,39 @@ class StreamConsumer:
         streams: list[str],
         group: str,
         consumer: str,
-        handler: Handler,
+        handler: Handler | None = None,
+        batch_handler: BatchHandler | None = None,
         options: ConsumerOptions | None = None,
         on_acknowledge: AckHook | None = None,
     ) -> None:
+        if (handler is None) == (batch_handler is None):
+            raise ValueError(
+                f"Consumer {consumer!r} of group {group!r} needs exactly one of handler and "
+                "batch_handler."
+            )
         self.client = client
         self.streams = streams
         self.group = group
         self.consumer = consumer
         self.handler = handler
+        self.batch_handler = batch_handler
         self.options = options or ConsumerOptions()
         self.on_acknowledge = on_acknowledge
         self._stop = asyncio.Event()  # replaced by the event given to `run`
         self._outages = 0
         self._transient_failures = 0
         self._backing_off = False
+        self._reread_pending = True
+        self._next_claim = 0.0  # time.monotonic() of the next look for idle entries
+        # Per stream, where an unfinished XAUTOCLAIM scan continues; absent once a scan is done.
+        self._claim_cursors: dict[str, str] = {}
 
     async def setup(self) -> None:
+        """Create the groups, and read this consumer's pending entries and idle ones next poll."""
         for stream in self.streams:
             await ensure_group(self.client, stream, self.group)
+        self._reread_pending = True
+        self._next_claim = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, surviving Redis outages with backoff."""
@@ -244,20 +272,18 @@ class StreamConsumer:
                 await asyncio.wait({round_task})
 
     async def poll(self) -> int:
-        """Handle this consumer's pending entries, idle ones claimed from others, then new ones.
+        """Handle a batch of new entries, after this consumer's pending entries when they may
+        exist and idle entries of other consumers when a look for them is due.
 
-        Returns the number of entries handled successfully.
+        The read of new entries blocks up to `block_ms`, so an idle consumer wakes as soon as an
+        entry arrives. Returns the number of entries handled successfully.
         """
         self._backing_off = False
         handled = 0
-        for stream in self.streams:
-            if self._stop.is_set() or self._backing_off:
-                return handled
-            pending = await self.client.xreadgroup(
-                self.group, self.consumer, {stream: "0"}, count=self.options.batch_size
-            )
-            handled += await self._handle_batch(pending)
-            handled += await self._claim_idle(stream)
+        if self._reread_pending:
+            handled += await self._handle_pending()
+        if self._claim_cursors or time.monotonic() >= self._next_claim:
+            handled += await self._claim_idle()
         if self._stop.is_set() or self._backing_off:
             return handled
         fresh = await self.client.xreadgroup(
@@ -270,85 +296,199 @@ class StreamConsumer:
         handled += await self._handle_batch(fresh)
         return handled
 
-    async def _claim_idle(self, stream: str) -> int:
-        if self._stop.is_set() or self._backing_off:
+    async def _handle_pending(self) -> int:
+        """Handle entries delivered to this consumer but not acknowledged: those of a previous
+        run, of a failed attempt, or left behind by a backoff."""
+        if self._stop.is_set():
             return 0
-        reply = await self.client.xautoclaim(
-            stream,
+        pending: Any = await self.client.xreadgroup(
             self.group,
             self.consumer,
-            min_idle_time=self.options.claim_idle_ms,
-            start_id="0-0",
+            {stream: "0" for stream in self.streams},
             count=self.options.batch_size,
         )
-        claimed = reply[1]
-        if claimed:
-            log.info(
-                "claimed idle entries",
-                extra={**self._ids(), "stream": stream, "count": len(claimed)},
+        if not any(entries for _stream, entries in pending or []):
+            self._reread_pending = False
+            return 0
+        # Stays set: the next poll reads again, until a read finds nothing pending.
+        return await self._handle_batch(pending)
+
+    async def _claim_idle(self) -> int:
+        """Claim and handle entries idle for `claim_idle_ms`, continuing an unfinished scan."""
+        handled = 0
+        for stream in self.streams:
+            if self._stop.is_set() or self._backing_off:
+                return handled
+            reply = await self.client.xautoclaim(
+                stream,
+                self.group,
+                self.consumer,
+                min_idle_time=self.options.claim_idle_ms,
+                start_id=self._claim_cursors.get(stream, "0-0"),
+                count=self.options.batch_size,
             )
-        return await self._handle_batch([[stream, claimed]])
+            cursor, claimed = str(reply[0]), reply[1]
+            if cursor == "0-0":
+                self._claim_cursors.pop(stream, None)
+            else:
+                self._claim_cursors[stream] = cursor
+            if claimed:
+                log.info(
+                    "claimed idle entries",
+                    extra={**self._ids(), "stream": stream, "count": len(claimed)},
+                )
+                handled += await self._handle_batch([[stream, claimed]])
+        if not self._claim_cursors:
+            self._next_claim = time.monotonic() + self.options.claim_idle_ms / 2000
+        return handled
 
     async def _handle_batch(self, batch: Any) -> int:
         handled = 0
         for stream, entries in batch or []:
-            for index, (entry_id, fields) in enumerate(entries):
-                if self._stop.is_set():
-                    await self._release(stream, [later for later, _ in entries[index:]])
-                    return handled
-                if self._backing_off:
-                    # The entries stay pending for this consumer and are read again next poll.
-                    return handled
-                if fields is None:  # deleted from the stream while pending
-                    await self._acknowledge(stream, entry_id)
-                    continue
-                if await self._handle_entry(stream, entry_id, fields):
-                    handled += 1
+            if self._stop.is_set():
+                await self._release(stream, [entry_id for entry_id, _fields in entries])
+                continue
+            if self._backing_off:
+                # The entries stay pending for this consumer and are read again next poll.
+                return handled
+            handled += await self._handle_entries(stream, entries)
         return handled
 
-    async def _handle_entry(self, stream: str, entry_id: str, fields: dict[str, str]) -> bool:
-        replay_group = fields.get(REPLAY_GROUP_FIELD)
-        if replay_group is not None and replay_group != self.group:
-            await self._acknowledge(stream, entry_id)
-            return True
-        try:
-            event = Event.from_fields(fields)
-            await self.handler(stream, entry_id, event)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError):
-            raise
-        except TransientFailure as error:
-            await self._back_off(stream, entry_id, error)
-            return False
-        except (EnvelopeError, PermanentFailure) as error:
-            tries = await self._count_failure(stream, entry_id)
-            await self._dead_letter(stream, entry_id, fields, error, tries=tries)
-            return False
-        except Exception as error:
-            tries = await self._count_failure(stream, entry_id)
-            if tries >= self.options.max_tries:
-                await self._dead_letter(stream, entry_id, fields, error, tries=tries)
-                return False
-            delay = self._backoff(tries)
+    async def _handle_entries(self, stream: str, entries: list[tuple[str, Any]]) -> int:
+        """Apply one stream's entries, acknowledge those that applied in one transaction, then
+        count a try for, dead-letter or back off on those that failed."""
+        # Deleted entries and replays meant for another group are acknowledged unhandled, and
+        # only the replays count as handled.
+        skipped: list[str] = []
+        replays = 0
+        failed: list[_Failure] = []
+        parsed: list[tuple[str, dict[str, str], Event]] = []
+        for entry_id, fields in entries:
+            if fields is None:  # deleted from the stream while pending
+                skipped.append(entry_id)
+                continue
+            replay_group = fields.get(REPLAY_GROUP_FIELD)
+            if replay_group is not None and replay_group != self.group:
+                skipped.append(entry_id)
+                replays += 1
+                continue
+            try:
+                parsed.append((entry_id, fields, Event.from_fields(fields)))
+            except EnvelopeError as error:
+                failed.append(_Failure(entry_id, fields, error))
+
+        outcomes = await self._apply(stream, parsed)
+        applied: list[tuple[str, Event]] = []
+        for (entry_id, fields, event), outcome in zip(parsed, outcomes, strict=False):
+            if outcome is None:
+                applied.append((entry_id, event))
+            else:
+                failed.append(_Failure(entry_id, fields, outcome))
+
+        await self._acknowledge(stream, skipped, applied)
+        unstarted = [entry_id for entry_id, _fields, _event in parsed[len(outcomes):]]
+        if unstarted and self._stop.is_set():
+            await self._release(stream, unstarted)
+        elif unstarted:
+            self._reread_pending = True  # left pending behind a backoff
+        if applied:
+            self._transient_failures = 0
+        await self._handle_failures(stream, failed)
+        return len(applied) + replays
+
+    async def _apply(
+        self, stream: str, parsed: list[tuple[str, dict[str, str], Event]]
+    ) -> list[Exception | None]:
+        """Return the outcome of each entry, in order, for a prefix of `parsed`.
+
+        The prefix is shorter than `parsed` when the handler stopped before the rest: a stop
+        request, or a dependency outage that makes the rest fail too.
+        """
+        if not parsed:
+            return []
+        if self.batch_handler is not None:
+            outcomes = await self.batch_handler(
+                stream, [(entry_id, event) for entry_id, _fields, event in parsed]
+            )
+            if len(outcomes) != len(parsed):
+                raise RuntimeError(
+                    f"The batch handler of group {self.group!r} returned {len(outcomes)} "
+                    f"outcomes for {len(parsed)} entries of {stream}; it must return one per entry."
+                )
+            return outcomes
+        assert self.handler is not None
+        results: list[Exception | None] = []
+        for entry_id, _fields, event in parsed:
+            if self._stop.is_set():
+                break
+            try:
+                await self.handler(stream, entry_id, event)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                raise
+            except TransientFailure as error:
+                results.append(error)
+                break
+            except Exception as error:
+                results.append(error)
+                continue
+            results.append(None)
+        return results
+
+    async def _acknowledge(
+        self, stream: str, skipped: list[str], applied: list[tuple[str, Event]]
+    ) -> None:
+        """Acknowledge entries in one transaction, with `on_acknowledge` for each applied one."""
+        entry_ids = skipped + [entry_id for entry_id, _event in applied]
+        if not entry_ids:
+            return
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, self.group, *entry_ids)
+            pipe.hdel(failure_counts_key(stream, self.group), *entry_ids)
+            if self.on_acknowledge is not None:
+                for entry_id, event in applied:
+                    self.on_acknowledge(pipe, stream, entry_id, event)
+            await pipe.execute()
+        now_ms = time.time() * 1000
+        lag = APPLY_LAG.labels(stream, self.group)
+        for entry_id, _event in applied:
+            lag.observe(max(now_ms - parse_entry_id(entry_id)[0], 0) / 1000)
+
+    async def _handle_failures(self, stream: str, failed: list["_Failure"]) -> None:
+        """Dead-letter the entries that cannot succeed and count a try for the others, then wait
+        once before they are read again."""
+        if not failed:
+            return
+        self._reread_pending = True
+        transient: _Failure | None = None
+        max_tries = 0
+        for failure in failed:
+            error = failure.error
+            if isinstance(error, TransientFailure):
+                transient = transient or failure
+                continue
+            tries = await self._count_failure(stream, failure.entry_id)
+            if isinstance(error, EnvelopeError | PermanentFailure) or (
+                tries >= self.options.max_tries
+            ):
+                await self._dead_letter(stream, failure.entry_id, failure.fields, error,
+                                        tries=tries)
+                continue
+            max_tries = max(max_tries, tries)
             log.warning(
                 "event handling failed; will retry",
                 extra={
                     **self._ids(),
                     "stream": stream,
-                    "entry_id": entry_id,
+                    "entry_id": failure.entry_id,
                     "tries": tries,
                     "max_tries": self.options.max_tries,
                     "error": repr(error),
-                    "retry_in_s": round(delay, 2),
                 },
             )
-            await sleep_unless_stopped(self._stop, delay)
-            return False
-        await self._acknowledge(stream, entry_id, event)
-        APPLY_LAG.labels(stream, self.group).observe(
-            max(time.time() * 1000 - parse_entry_id(entry_id)[0], 0) / 1000
-        )
-        self._transient_failures = 0
-        return True
+        if transient is not None:
+            await self._back_off(stream, transient.entry_id, transient.error)
+        elif max_tries:
+            await sleep_unless_stopped(self._stop, self._backoff(max_tries))
 
     async def _back_off(self, stream: str, entry_id: str, error: Exception) -> None:
         """Pause the rest of this poll: the dependency is down for every entry, not only this."""
@@ -367,16 +507,6 @@ class StreamConsumer:
             },
         )
         await sleep_unless_stopped(self._stop, delay)
-
-    async def _acknowledge(self, stream: str, entry_id: str, event: Event | None = None) -> None:
-        """Acknowledge the entry; with the handled `event`, run `on_acknowledge` in the same
-        transaction."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, self.group, entry_id)
-            pipe.hdel(failure_counts_key(stream, self.group), entry_id)
-            if event is not None and self.on_acknowledge is not None:
-                self.on_acknowledge(pipe, stream, entry_id, event)
-            await pipe.execute()
 
     async def _count_failure(self, stream: str, entry_id: str) -> int:
         return int(await self.client.hincrby(failure_counts_key(stream, self.group), entry_id, 1))
@@ -439,3 +569,10 @@ class StreamConsumer:
 
     def _ids(self) -> dict[str, Any]:
         return {"group": self.group, "consumer": self.consumer, "streams": self.streams}
+
+
+@dataclass(frozen=True)
+class _Failure:
+    entry_id: str
+    fields: dict[str, str]
+    error: Exception

@@ -53,6 +53,12 @@ def read_outbox(engine: Engine, after_seq: int, limit: int) -> list[OutboxRow]:
         ]
 
 
+def _read_batch(engine: Engine, name: str, limit: int) -> tuple[int, list[OutboxRow]]:
+    # One worker-thread call per round: a relay runs a round after every commit to the database.
+    checkpoint = read_checkpoint(engine, name)
+    return checkpoint, read_outbox(engine, checkpoint, limit)
+
+
 def oldest_unrelayed(engine: Engine, name: str = CHECKPOINT_NAME) -> str | None:
     """Return the `created_at` of the oldest outbox row after the checkpoint, or None."""
     checkpoint = read_checkpoint(engine, name)
@@ -77,8 +83,7 @@ async def relay_once(
     Raises the Redis or SQLite error when the append or the checkpoint fails. The checkpoint then
     stays where it was, so the next round appends the same rows again.
     """
-    checkpoint = await asyncio.to_thread(read_checkpoint, engine, name)
-    rows = await asyncio.to_thread(read_outbox, engine, checkpoint, batch_size)
+    checkpoint, rows = await asyncio.to_thread(_read_batch, engine, name, batch_size)
     if not rows:
         return 0
     async with client.pipeline(transaction=True) as pipe:
@@ -115,6 +120,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         return relayed
 
     log.info("outbox relay started", extra={**ids, "batch_size": settings.relay_batch_size})
+    commit_watch = relay.CommitWatch(settings.database_file)
     try:
         await relay.run_relay(
             round_and_report,
@@ -129,8 +135,10 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 retention_seconds=settings.relay_stream_retention_seconds,
             ),
             trim_interval_seconds=settings.relay_trim_interval_seconds,
+            commit_watch=commit_watch,
         )
     finally:
+        commit_watch.close()
         await client.aclose()
         engine.dispose()
         log.info("outbox relay stopped", extra=ids)

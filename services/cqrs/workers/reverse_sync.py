@@ -25,6 +25,7 @@ from pydantic import SecretStr
 from services.shared.events import Event
 from services.shared.names import CQRS_STREAM, ORIGIN_CQRS, REVERSE_SYNC_GROUP
 from services.shared.streams import (
+    REDIS_OUTAGE_ERRORS,
     ConsumerOptions,
     PermanentFailure,
     StreamConsumer,
@@ -44,6 +45,9 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 TOKEN_REFRESH_MARGIN_SECONDS = 30.0
 RETRYABLE_CLIENT_ERRORS = frozenset({408, 429})
 MAX_BODY_IN_ERROR = 500
+# Requests of one batch in flight at once. The monolith serializes the writes on SQLite's lock, so
+# more only queue there, while a few hide each request's network and parsing time.
+MAX_CONCURRENT_REQUESTS = 8
 
 
 class SyncFailed(TransientFailure):
@@ -122,7 +126,12 @@ def _error_code(response: httpx.Response) -> str:
 
 
 class ReverseSync:
-    """Stream handler that sends CQRS-side order states to the monolith."""
+    """Stream handler that sends CQRS-side order states to the monolith.
+
+    Called with a batch, it sends up to `MAX_CONCURRENT_REQUESTS` requests at a time over the
+    client's kept-alive connections. Their order does not matter, because the monolith applies
+    each state by version.
+    """
 
     def __init__(
         self, http: httpx.AsyncClient, tokens: ServiceTokenClient, *, monolith_url: str
@@ -130,6 +139,37 @@ class ReverseSync:
         self.http = http
         self.tokens = tokens
         self.monolith_url = monolith_url.rstrip("/")
+
+    async def warm_up(self) -> None:
+        """Request the service token now, so that the first event does not wait for it.
+
+        A failure is logged, and the token is requested again with the first event.
+        """
+        try:
+            await self.tokens.token()
+        except SyncFailed as error:
+            log.warning("service token request at start failed; retrying with the first event",
+                        extra={"client_id": self.tokens.client_id, "error": str(error)})
+
+    async def apply_batch(
+        self, stream: str, entries: list[tuple[str, Event]]
+    ) -> list[Exception | None]:
+        """Send every entry's order and return one outcome per entry, as a `BatchHandler`."""
+        limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+
+        async def send(entry_id: str, event: Event) -> Exception | None:
+            async with limit:
+                try:
+                    await self(stream, entry_id, event)
+                except REDIS_OUTAGE_ERRORS:
+                    raise
+                except Exception as error:
+                    return error
+                return None
+
+        return list(await asyncio.gather(
+            *(send(entry_id, event) for entry_id, event in entries)
+        ))
 
     async def __call__(self, stream: str, entry_id: str, event: Event) -> None:
         ids = {
@@ -189,26 +229,32 @@ def _reply_field(response: httpx.Response, name: str) -> Any:
     return reply.get(name) if isinstance(reply, dict) else None
 
 
-def build_consumer(
-    settings: Settings,
-    client: "redis.Redis",
-    http: httpx.AsyncClient,
-    *,
-    options: ConsumerOptions | None = None,
-) -> StreamConsumer:
-    """Build the reverse-sync consumer; raise ValueError when the client secret is not set."""
+def build_handler(settings: Settings, http: httpx.AsyncClient) -> ReverseSync:
+    """Build the reverse-sync handler; raise ValueError when the client secret is not set."""
     tokens = ServiceTokenClient(
         http,
         token_url=settings.token_url,
         client_id=settings.sync_client_id,
         client_secret=settings.require_sync_client_secret(),
     )
+    return ReverseSync(http, tokens, monolith_url=settings.monolith_url)
+
+
+def build_consumer(
+    settings: Settings,
+    client: "redis.Redis",
+    http: httpx.AsyncClient,
+    *,
+    options: ConsumerOptions | None = None,
+    handler: ReverseSync | None = None,
+) -> StreamConsumer:
+    """Build the reverse-sync consumer; raise ValueError when the client secret is not set."""
     return StreamConsumer(
         client,
         streams=[CQRS_STREAM],
         group=REVERSE_SYNC_GROUP,
         consumer=settings.consumer_name,
-        handler=ReverseSync(http, tokens, monolith_url=settings.monolith_url),
+        batch_handler=(handler or build_handler(settings, http)).apply_batch,
         options=options or consumer_options(settings),
     )
 
@@ -234,7 +280,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         },
     )
     try:
-        await build_consumer(settings, client, http).run(stop)
+        handler = build_handler(settings, http)
+        await handler.warm_up()
+        await build_consumer(settings, client, http, handler=handler).run(stop)
     finally:
         await http.aclose()
         await client.aclose()

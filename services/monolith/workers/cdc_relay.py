@@ -181,6 +181,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         return relayed
 
     log.info("CDC relay started", extra={**ids, "checkpoint": checkpoint})
+    commit_watch = relay.CommitWatch(settings.resolved_database_path)
     try:
         await relay.run_relay(
             round_and_report,
@@ -195,8 +196,10 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 retention_seconds=settings.relay_stream_retention_seconds,
             ),
             trim_interval_seconds=settings.relay_trim_interval_seconds,
+            commit_watch=commit_watch,
         )
     finally:
+        commit_watch.close()
         await client.aclose()
         engine.dispose()
         log.info("CDC relay stopped", extra=ids)
