@@ -685,3 +685,16 @@ def test_configmap_bad_kubeconfig(rollout: Run, tmp_path: Path) -> None:
     assert code == 1
     assert "Loading Kubernetes configuration from" in err
     assert "--kubeconfig" in err
+
+
+def test_freeze_rejects_repeated_section(rollout: Run, tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    original = RULES + "guard:\n  frozen: false\nguard:\n  frozen: true\n"
+    path.write_text(original)
+
+    code, _, err = rollout("freeze", "--file", str(path))
+
+    assert code == 1
+    assert 'duplicate key "guard"' in err
+    assert "Merge the two sections into one" in err
+    assert path.read_text() == original

@@ -115,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run a part of the platform, whose settings come only from their environment.
+_PLATFORM_COMMANDS = frozenset({"up", "serve", "worker"})
+
+
+def _default_to_local_platform() -> None:
+    """Point an operator command at the platform `ztcqrs up` would run with this environment.
+
+    Only settings that are not set are filled in, so a deployment's explicit settings win.
+    """
+    try:
+        config = PlatformConfig.from_env(os.environ)
+    except StartupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    for name, value in LocalPlatform(config).address_env().items():
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command not in _PLATFORM_COMMANDS:
+        _default_to_local_platform()
     sys.exit(args.handler(args))

@@ -116,7 +116,10 @@ def _reconcile(args: argparse.Namespace) -> int:
         print(f"error: invalid reconcile settings: {error}", file=sys.stderr)
         return EXIT_ERROR
     if not logging.getLogger().handlers:  # a caller that configured logging keeps its own
-        configure_logging("ztcqrs-reconcile", settings.log_level)
+        # A single run prints its report, so only problems are logged beside it; a periodic run
+        # is a job whose log is the record.
+        level = settings.log_level if args.every is not None else "WARNING"
+        configure_logging("ztcqrs-reconcile", level)
     runner = _run_every if args.every is not None else _run_once
     try:
         return asyncio.run(runner(settings, args))

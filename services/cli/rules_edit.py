@@ -15,6 +15,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from ruamel.yaml.util import load_yaml_guess_indent
@@ -86,6 +87,11 @@ class RulesDocument:
         self._yaml = _round_trip_yaml(text)
         try:
             data = self._yaml.load(text)
+        except DuplicateKeyError as error:
+            raise RolloutError(
+                f"The rules file repeats a key on line {_line_of(error)}: {error.problem}. Merge "
+                "the two sections into one and run the command again."
+            ) from error
         except YAMLError as error:
             raise RolloutError(
                 f"The rules are not valid YAML: {error}. Fix the file and run the command again."
@@ -253,6 +259,11 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _line_of(error: DuplicateKeyError) -> str:
+    mark = error.problem_mark
+    return "?" if mark is None else str(mark.line + 1)
 
 
 def _round_trip_yaml(text: str) -> YAML:

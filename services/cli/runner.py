@@ -123,6 +123,13 @@ class PlatformConfig:
         return f"http://{self.host}:{self.ports[service]}"
 
 
+# Settings in the child environment that name where another part of the platform listens.
+ADDRESS_SETTINGS = (
+    "REDIS_URL", "ZTCQRS_TOKEN_ISSUER", "ZTCQRS_JWKS_URL", "CQRS_MONOLITH_URL", "CQRS_SERVICE_URL",
+    "CQRS_TOKEN_URL", "ROUTER_MONOLITH_URL", "ROUTER_CQRS_URL",
+)
+
+
 class ManagedProcess:
     """One child process, restarted with backoff when it exits on its own."""
 
@@ -248,6 +255,7 @@ class LocalPlatform:
             "ZTCQRS_JWKS_URL": f"{auth}/.well-known/jwks.json",
             "AUTH_ISSUER": auth,
             "CQRS_MONOLITH_URL": self.config.url("monolith"),
+            "CQRS_SERVICE_URL": self.config.url("cqrs"),
             "CQRS_TOKEN_URL": f"{auth}/token",
             "ROUTER_MONOLITH_URL": self.config.url("monolith"),
             "ROUTER_CQRS_URL": self.config.url("cqrs"),
@@ -259,6 +267,16 @@ class LocalPlatform:
             env[SERVICES[name].port_setting] = str(port)
             env[f"{name.upper()}_HOST"] = self.config.host
         return env
+
+    def address_env(self) -> dict[str, str]:
+        """Return the settings that tell a process where the other parts of this platform are.
+
+        Operator commands (`ztcqrs reconcile`, `dlq`, ...) take these as defaults, so they find a
+        platform that `ztcqrs up` started with moved ports or the embedded Redis without more
+        settings.
+        """
+        env = self.child_env()
+        return {name: env[name] for name in ADDRESS_SETTINGS}
 
     def _build_processes(self) -> None:
         env = self.child_env()
