@@ -21,6 +21,7 @@ import kmock
 import pytest
 import yaml
 
+from services.cli import rollout as rollout_module
 from services.cli.main import build_parser
 from services.cli.rules_store import EditConflict, FileStore
 from services.router.rules import parse_rules
@@ -260,8 +261,11 @@ def test_status_prints_file_state(rollout: Run, tmp_path: Path) -> None:
     assert "split products: 30% of users to cqrs" in out
     assert "frozen: true" in out
     assert "reset_at: (unset)" in out
+    assert "  guard trip: not shown" in out
+    assert "Pass --router-url URL with a token of scope gray:admin" in out
     assert json_code == 0
     status = json.loads(json_out)
+    assert "guard trip" not in json_out
     assert status["splits"] == [
         {"rule": "orders", "target": "cqrs", "percent": 5},
         {"rule": "products", "target": "cqrs", "percent": 30},
@@ -388,6 +392,8 @@ async def test_status_shows_router_guard(
     )
     admin = signing_key.token("ztcqrs-admin", client_id="ztcqrs-admin", scope="gray:admin")
     async with running_router(signing_key, settings) as router:
+        # unfreeze sets reset_at, and freeze then keeps it, so the router reports both.
+        await asyncio.to_thread(rollout, "unfreeze", "--file", str(rules_file))
         await asyncio.to_thread(rollout, "freeze", "--file", str(rules_file))
         for _ in range(100):
             body = (await router.get("/_gray/status", headers={"Authorization": f"Bearer {admin}"}))
@@ -404,13 +410,31 @@ async def test_status_shows_router_guard(
             str(router.base_url), "--token", admin,
         )
 
+    status = json.loads(json_out)
+    file_reset_at = status["reset_at"]
     assert code == 0, err
     assert "the same rules" in out
     assert "guard.frozen: true" in out
+    # The router reports the file's reset_at in the file's own ISO 8601 format.
+    assert f"  reset_at: {file_reset_at}\n" in out
+    assert f"  guard.reset_at: {file_reset_at}\n" in out
+    assert "  guard.tripped_at: -\n" in out
+    assert "guard trip: not shown" not in out
     assert json_code == 0
-    status = json.loads(json_out)
     assert status["router"]["rules_version"] == status["version"]
     assert status["router"]["guard"]["frozen"] is True
+    assert status["router"]["guard"]["reset_at"] == file_reset_at
+
+
+def test_router_epoch_times_print_as_iso(capsys: pytest.CaptureFixture[str]) -> None:
+    # Routers whose status body still has epoch seconds print like the current ones.
+    guard = {"frozen": False, "tripped": True, "tripped_at": 1796427201.869075, "reset_at": None}
+
+    rollout_module._print_router("http://127.0.0.1:9", {"guard": guard}, "abc")
+    out = capsys.readouterr().out
+
+    assert "  guard.tripped_at: 2026-12-04T23:33:21.869075Z\n" in out
+    assert "  guard.reset_at: -\n" in out
 
 
 def test_status_router_needs_token(

@@ -15,6 +15,7 @@ from services.shared.migration_health import (
     RELAY_REPORT_STALE_SECONDS,
     GroupHealth,
     HealthSnapshot,
+    ReconcileSummary,
     read_health,
 )
 from services.shared.names import (
@@ -184,6 +185,42 @@ async def test_reconcile_summary_is_parsed(client: "redis.Redis") -> None:
     summary = (await read_health(client)).reconcile
     assert summary is not None
     assert summary.drift_entities == 3
+
+
+def test_snapshot_dict_times_are_iso() -> None:
+    snapshot = HealthSnapshot(
+        taken_at=1733353200.25,
+        groups=(GroupHealth(CDC_STREAM, INGEST_GROUP, pending=1, lag_entries=2, lag_seconds=4.5),),
+        dead_letters={CDC_STREAM: 1},
+        relay_lag_seconds={CDC_RELAY_NAME: 3.5},
+        reconcile=ReconcileSummary(
+            finished_at=1733353200.5, missing=1, stale=0, conflicting=0, drift_entities=1
+        ),
+    )
+
+    body = snapshot.to_dict()
+
+    assert body["taken_at"] == "2024-12-04T23:00:00.250000Z"
+    assert body["reconcile"]["finished_at"] == "2024-12-04T23:00:00.500000Z"
+    assert body["reconcile"]["drift_entities"] == 1
+    # Lags are durations, so they stay numbers of seconds.
+    assert body["max_lag_seconds"] == 4.5
+    assert body["groups"][0]["lag_seconds"] == 4.5
+    assert body["relay_lag_seconds"] == {CDC_RELAY_NAME: 3.5}
+    # The snapshot itself keeps epoch seconds.
+    assert snapshot.taken_at == 1733353200.25
+
+
+def test_snapshot_dict_without_reconcile() -> None:
+    snapshot = HealthSnapshot(
+        taken_at=0.0, groups=(), dead_letters={}, relay_lag_seconds={}, reconcile=None
+    )
+
+    body = snapshot.to_dict()
+
+    assert body["taken_at"] == "1970-01-01T00:00:00.000000Z"
+    assert body["reconcile"] is None
+    assert body["max_lag_seconds"] == 0.0
 
 
 async def test_cqrs_metrics_show_the_health_gauges(

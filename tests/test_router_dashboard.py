@@ -18,6 +18,7 @@ import redis
 from playwright.async_api import ConsoleMessage, Request, async_playwright
 
 from services.router.dashboard import render_dashboard
+from services.shared.clock import format_timestamp, parse_timestamp
 from services.shared.names import (
     CDC_STREAM,
     GATE_PUBLISHED_KEY,
@@ -197,6 +198,9 @@ async def test_dashboard_in_chromium(
             assert response is not None
             headers = await response.all_headers()
             guard_text = await page.inner_text("#guard-state")
+            guard_action = await page.inner_text("#guard-action")
+            phase_text = await page.inner_text("#phase")
+            thresholds_text = await page.inner_text('#guard dt:text-is("Thresholds") + dd')
             version_text = await page.inner_text("#rules-version")
             body_text = await page.inner_text("body")
             bars = await page.locator("#split-chart rect").count()
@@ -228,9 +232,21 @@ async def test_dashboard_in_chromium(
     assert version_text == status["rules_version"]
     assert "Tripped" in guard_text
     assert "drift_entities is 4" in guard_text
+    assert guard_action in guard_text
+    assert "ztcqrs rollout unfreeze lifts the trip" in guard_action
+    assert "later run reports drift above the limit" in guard_action
+    assert phase_text == status["phase"] == "canary"
+    # Times show as the status body's ISO 8601 text.
+    assert status["guard"]["tripped_at"] in body_text
+    assert status["loaded_at"] in body_text
+    assert status["health"]["reconcile"]["finished_at"] in body_text
+    assert format_timestamp(parse_timestamp(first_sample[0])) == first_sample[0]
+    # Only drift_entities is set, so the error window is not shown.
+    assert thresholds_text == "drift_entities 0"
+    assert "error_window_seconds" not in body_text
+    assert "min_requests" not in body_text
     assert chart_count == 1
     assert bars >= 2
-    assert "canary" in body_text
     assert "Conflicts\n2" in body_text or "Conflicts\t2" in body_text
     assert HOSTILE_NAME in body_text
     assert "Shadow reads" in headings
@@ -281,25 +297,27 @@ def test_dashboard_escapes_status_values() -> None:
         "rules_version": hostile,
         "rules": [hostile],
         "last_error": hostile,
-        "guard": {"tripped": True, "threshold": hostile, "value": 1, "limit": 0},
+        "guard": {
+            "tripped": True, "threshold": hostile, "value": 1, "limit": 0, "tripped_at": hostile,
+        },
         "health": None,
         "split": {"bucket_seconds": 10, "buckets": [], "error": hostile},
         "shadow": {
             "percent": 5.0, "matches": 0, "mismatches": 1, "errors": 0, "dropped": 0,
             "in_flight": 0,
             "samples": [{
-                "at": 0, "request_id": hostile, "method": hostile, "path": hostile,
+                "at": hostile, "request_id": hostile, "method": hostile, "path": hostile,
                 "monolith": {"status": hostile}, "cqrs": {"status": 200}, "diff": hostile,
             }],
         },
         "gate": {"enabled": True, "held": hostile, "users_waiting": hostile},
     }
 
-    page = render_dashboard(status, phase=hostile)
+    page = render_dashboard({**status, "phase": hostile})
 
     assert "<script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 8
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 10
 
 
 def test_dashboard_shadow_match_share() -> None:
@@ -308,7 +326,7 @@ def test_dashboard_shadow_match_share() -> None:
         "gate": {"enabled": False, "held": 0, "users_waiting": 0},
     }
 
-    page = render_dashboard(status, phase="canary")
+    page = render_dashboard(status)
 
     assert '<dd id="shadow-match-share">75.0%</dd>' in page
     assert '<dd id="shadow-percent">2.5% of 2xx GET and HEAD</dd>' in page
@@ -317,7 +335,99 @@ def test_dashboard_shadow_match_share() -> None:
 
 
 def test_dashboard_without_compared_reads() -> None:
-    page = render_dashboard({"shadow": {"percent": 0.0, "errors": 1}}, phase="canary")
+    page = render_dashboard({"shadow": {"percent": 0.0, "errors": 1}})
 
     assert '<dd id="shadow-match-share">n/a</dd>' in page
     assert '<dd id="gate-held">n/a</dd>' in page
+
+
+def thresholds(**limits: float) -> dict[str, Any]:
+    """Return the guard's `thresholds` status section with `limits` set and the rest unset."""
+    unset = dict.fromkeys(("drift_entities", "lag_seconds", "dead_letters", "cqrs_error_rate"))
+    return {**unset, "error_window_seconds": 60, "min_requests": 20, **limits}
+
+
+def test_dashboard_phase_from_status() -> None:
+    page = render_dashboard({"phase": "cutover"})
+
+    assert '<dd id="phase">cutover</dd>' in page
+
+
+def test_dashboard_without_thresholds() -> None:
+    page = render_dashboard({"guard": {"thresholds": thresholds()}})
+
+    assert "<dt>Thresholds</dt><dd>none set</dd>" in page
+    assert "error_window_seconds" not in page
+    assert "min_requests" not in page
+
+
+def test_dashboard_error_rate_window() -> None:
+    page = render_dashboard(
+        {"guard": {"thresholds": thresholds(lag_seconds=30.0, cqrs_error_rate=0.5)}}
+    )
+
+    assert (
+        "<dt>Thresholds</dt><dd>lag_seconds 30, cqrs_error_rate 0.5 (over the last 60 s, at "
+        "least 20 calls)</dd>"
+    ) in page
+
+
+def test_dashboard_times_shown_as_given() -> None:
+    guard = {
+        "tripped": True, "threshold": "lag_seconds", "value": 40.0, "limit": 30.0,
+        "tripped_at": "2025-01-31T12:00:00.250000Z", "reset_at": None,
+    }
+
+    page = render_dashboard({"guard": guard})
+
+    assert "<dt>Tripped at</dt><dd>2025-01-31T12:00:00.250000Z</dd>" in page
+    assert "<dt>Reset at</dt><dd>never</dd>" in page
+    assert "<dt>Last check</dt><dd>never</dd>" in page
+
+
+@pytest.mark.parametrize(
+    ("guard", "expected"),
+    [
+        (
+            {"frozen": True},
+            "<code>ztcqrs rollout unfreeze</code> ends the freeze.",
+        ),
+        (
+            {"tripped": True, "threshold": "lag_seconds"},
+            "<code>ztcqrs rollout unfreeze</code> lifts the trip once the lag is back under "
+            "the limit.",
+        ),
+        (
+            {"tripped": True, "threshold": "dead_letters"},
+            "Replay or delete the dead letters with <code>ztcqrs dlq</code>",
+        ),
+        (
+            {"tripped": True, "threshold": "cqrs_error_rate"},
+            "Only calls to cqrs after that count",
+        ),
+        (
+            {"tripped": True, "threshold": "health_unreadable"},
+            "<code>ztcqrs rollout unfreeze</code> does not lift it.",
+        ),
+        (
+            {"tripped": True, "threshold": "unknown"},
+            "lifts the trip once the value is back under the limit.",
+        ),
+        (
+            {"tripped": True, "threshold": "drift_entities", "frozen": True},
+            "The rules are also frozen, and <code>ztcqrs rollout unfreeze</code> ends the freeze.",
+        ),
+    ],
+)
+def test_dashboard_banner_lift_instructions(guard: dict[str, Any], expected: str) -> None:
+    page = render_dashboard({"guard": guard})
+
+    assert '<span id="guard-action" class="guard-action">' in page
+    assert expected in page
+
+
+def test_dashboard_banner_normal_has_no_action() -> None:
+    page = render_dashboard({"guard": {"tripped": False, "frozen": False}})
+
+    assert 'data-state="normal"' in page
+    assert 'id="guard-action"' not in page

@@ -19,11 +19,12 @@ import pytest
 import redis
 
 from services.router.rules import RulesError, parse_rules
-from services.shared.migration_health import RECONCILE_LAST_KEY
+from services.shared.clock import format_timestamp, parse_timestamp
 from services.shared.names import (
     CDC_STREAM,
     GRAY_GUARD_KEY,
     INGEST_GROUP,
+    RECONCILE_LAST_KEY,
     dead_letter_stream,
 )
 from tests.conftest import SigningKey, free_port
@@ -139,6 +140,14 @@ def write_rules(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def assert_iso_time(value: Any) -> datetime:
+    """Check that `value` is a status time in the format of `loaded_at`, and return it."""
+    assert isinstance(value, str), f"expected an ISO 8601 string, got {value!r}"
+    moment = parse_timestamp(value)
+    assert format_timestamp(moment) == value
+    return moment
+
+
 def write_drift(store: redis.Redis, *, finished_at: float, drift: int) -> None:
     store.hset(
         RECONCILE_LAST_KEY,
@@ -168,8 +177,40 @@ async def test_guard_routes_to_cqrs_while_healthy(
     assert later.headers["x-gray-rule"] == "products-on-cqrs"
     assert status["guard"]["tripped"] is False
     assert status["guard"]["frozen"] is False
+    assert status["guard"]["tripped_at"] is None
+    assert status["guard"]["reset_at"] is None
     assert status["health"]["reconcile"]["drift_entities"] == 0
     assert store.exists(GRAY_GUARD_KEY) == 0
+
+
+async def test_status_phase_and_times(
+    start_router: Callable[..., Awaitable[httpx.AsyncClient]],
+    user: dict[str, str],
+    admin: dict[str, str],
+    store: redis.Redis,
+) -> None:
+    router = await start_router(phase="cutover")
+    finished_at = time.time() - 30
+    write_drift(store, finished_at=finished_at, drift=0)
+    await router.get("/products", headers=user)
+    await asyncio.sleep(0.5)
+
+    status = await guard_status(router, admin)
+
+    assert status["phase"] == "cutover"
+    loaded_at = assert_iso_time(status["loaded_at"])
+    checked_at = assert_iso_time(status["guard"]["checked_at"])
+    taken_at = assert_iso_time(status["health"]["taken_at"])
+    assert loaded_at <= checked_at
+    assert abs(taken_at.timestamp() - time.time()) < WAIT_SECONDS
+    assert status["health"]["reconcile"]["finished_at"] == format_timestamp(
+        datetime.fromtimestamp(finished_at, UTC)
+    )
+    starts = [assert_iso_time(bucket["start"]) for bucket in status["split"]["buckets"]]
+    assert starts == sorted(starts)
+    assert (starts[1] - starts[0]).total_seconds() == status["split"]["bucket_seconds"]
+    # Durations stay numbers of seconds.
+    assert isinstance(status["health"]["max_lag_seconds"], int | float)
 
 
 async def test_guard_trips_on_drift(
@@ -193,6 +234,9 @@ async def test_guard_trips_on_drift(
     assert guard["value"] == 3
     assert guard["limit"] == 0
     assert store.hget(GRAY_GUARD_KEY, "threshold") == "drift_entities"
+    # The trip hash keeps epoch seconds, and the status shows the same moment as ISO 8601.
+    tripped_at = float(store.hget(GRAY_GUARD_KEY, "tripped_at") or "nan")
+    assert guard["tripped_at"] == format_timestamp(datetime.fromtimestamp(tripped_at, UTC))
 
 
 async def test_guard_trips_on_lag(
@@ -317,9 +361,7 @@ async def test_guard_reset_at_clears_trip(
     assert store.exists(GRAY_GUARD_KEY) == 0
     # The reconcile report from before the reset does not trip the guard again.
     assert status["guard"]["tripped"] is False
-    assert status["guard"]["reset_at"] == pytest.approx(
-        datetime.fromisoformat(reset_at).timestamp()
-    )
+    assert status["guard"]["reset_at"] == format_timestamp(datetime.fromisoformat(reset_at))
 
 
 async def test_guard_fails_safe_without_redis(
@@ -339,6 +381,8 @@ async def test_guard_fails_safe_without_redis(
     assert guard["tripped"] is True
     assert guard["threshold"] == "health_unreadable"
     assert guard["error"]
+    assert assert_iso_time(guard["tripped_at"]) <= datetime.now(UTC)
+    assert guard["checked_at"] is None
 
 
 async def test_status_split_counts_targets(

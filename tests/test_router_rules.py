@@ -467,3 +467,13 @@ rules:
     )
     assert rules.rules[0].otherwise == "cqrs"
     assert rules.select(facts()).target == "cqrs"
+
+
+def test_repeated_key_rejected() -> None:
+    text = HEADER + "guard:\n  frozen: false\nguard:\n  frozen: true\n"
+
+    with pytest.raises(RulesError) as raised:
+        parse_rules(text)
+
+    assert "key 'guard'" in str(raised.value)
+    assert "merge the two into one" in str(raised.value)

@@ -9,6 +9,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from multidict import CIMultiDict
 from services.router.app import RouterApp, create_app
 from services.router.rules import RulesError, ShadowConfig, parse_rules
 from services.router.shadow import UNORDERED_LISTS, Answer, _difference
+from services.shared.clock import format_timestamp
 from services.shared.security import StaticKeySource
 from tests.conftest import SigningKey, free_port
 from tests.test_router_proxy import router_settings, serve
@@ -201,6 +203,7 @@ async def test_shadow_mismatch_sampled(
             await wait_until(functools.partial(finished_count, app, index + 1), "the shadow read")
         admin = auth_header("operator", scope="gray:admin")
         status = await client.get("/_gray/status", headers=admin)
+        stored_at = app.shadow.samples[-1]["at"]
 
     assert app.shadow.counts["mismatch"] == 3
     # max_samples is 2, so only the two most recent mismatches are kept.
@@ -212,6 +215,9 @@ async def test_shadow_mismatch_sampled(
     assert sample["cqrs"] == {"status": 200}
     assert '$.status: "paid" != "pending"' in sample["diff"]
     assert "$.version: 2 != 1" in sample["diff"]
+    # Stored as epoch seconds, shown as ISO 8601 like the status body's other times.
+    assert isinstance(stored_at, float)
+    assert sample["at"] == format_timestamp(datetime.fromtimestamp(stored_at, UTC))
     assert status.json()["shadow"]["mismatches"] == 3
     bearer = token_header["Authorization"].removeprefix("Bearer ")
     assert bearer not in json.dumps(status.json())

@@ -3,13 +3,24 @@
 import asyncio
 import importlib
 import logging
+import os
+import shutil
 import signal
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from services.shared.logs import configure_logging
 
 log = logging.getLogger(__name__)
+
+# Folders of prometheus-client's multiprocess mode, in the temp folder: prefix, supervisor pid.
+METRICS_DIR_PREFIX = "ztcqrs-metrics-"
+# How often a router worker checks that its supervisor still runs, in seconds.
+PARENT_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,27 +78,88 @@ def serve(name: str) -> None:
     # Services with a `processes` setting (the router) may run several uvicorn worker processes
     # on one socket; each builds its own app from the environment through `router_app`.
     processes = int(getattr(settings, "processes", 1))
+    metrics_dir = _share_metrics_between_processes() if processes > 1 else None
     log.info(
         "service starting",
-        extra={"host": settings.host, "port": settings.port, "processes": processes},
+        extra={
+            "host": settings.host, "port": settings.port, "processes": processes,
+            "metrics_dir": metrics_dir,
+        },
     )
-    uvicorn.run(
-        app if processes == 1 else f"{__name__}:router_app",
-        factory=processes > 1,
-        workers=processes if processes > 1 else None,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        # Client addresses come from the socket only: X-Forwarded-For is never trusted.
-        proxy_headers=False,
-        # Named so a missing package fails loudly instead of falling back to h11, whose handling of
-        # ambiguous request framing differs (the router rejects it under both).
-        http="httptools",
-        server_header=False,
-    )
+    try:
+        uvicorn.run(
+            app if processes == 1 else f"{__name__}:router_app",
+            factory=processes > 1,
+            workers=processes if processes > 1 else None,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+            # Client addresses come from the socket only: X-Forwarded-For is never trusted.
+            proxy_headers=False,
+            # Both named, so that a missing package fails loudly instead of falling back to
+            # asyncio's loop or to h11, whose handling of ambiguous request framing differs (the
+            # router rejects it under both). uvloop and httptools come with uvicorn[standard].
+            loop="uvloop",
+            http="httptools",
+            server_header=False,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("service stopped")
+
+
+def _share_metrics_between_processes() -> str:
+    """Point prometheus-client's multiprocess mode at a new private folder and return it.
+
+    Set before uvicorn spawns the workers, which inherit the environment and so import
+    prometheus-client in multiprocess mode: each writes its values to files there, and /metrics
+    merges them. The folder is new on every start because files left by an earlier run would
+    be counted again. Its name contains this process's pid, so that folders left by a process
+    that was killed before it could remove its own are removed here.
+    """
+    from services.shared.metrics import MULTIPROCESS_DIR_VARIABLE
+
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob(f"{METRICS_DIR_PREFIX}*"):
+        owner = stale.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not _process_exists(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")  # mode 0700
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = folder
+    return folder
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Stop this worker process soon after the uvicorn supervisor `parent` is gone.
+
+    A supervisor killed with SIGKILL cannot stop its workers, which would keep the port and
+    serve on. The check runs once a second in a daemon thread; SIGTERM starts uvicorn's graceful
+    shutdown of this worker.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        log.warning(
+            "router supervisor process is gone; stopping this worker",
+            extra={"parent_pid": parent, "pid": os.getpid()},
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def router_app() -> Any:
@@ -95,6 +167,7 @@ def router_app() -> Any:
     spec = SERVICES["router"]
     settings = load_settings(spec.package)
     configure_logging(spec.name, settings.log_level)
+    _exit_with_parent(os.getppid())
     return importlib.import_module(f"{spec.package}.app").create_app(settings)
 
 

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from services.router.rules import RulesError, parse_rules
 from services.router.settings import Settings as RouterSettings
-from services.shared.clock import utc_now
+from services.shared.clock import format_epoch, utc_now
 from services.shared.logs import configure_logging
 
 from .rules_edit import (
@@ -176,7 +176,13 @@ def _status(store: RulesStore, args: argparse.Namespace) -> int:
     _print_state(store.location, state)
     if invalid:
         print(f"  invalid: {invalid}. The router keeps its last good rules until this is fixed.")
-    if router is not None:
+    if router is None:
+        print(
+            "  guard trip: not shown, because a trip is stored in Redis, not in the rules file. "
+            "Pass --router-url URL with a token of scope gray:admin "
+            f"(--token or ${TOKEN_ENV}) to show the live guard state."
+        )
+    else:
         _print_router(args.router_url, router, state.version)
     return 1 if invalid else 0
 
@@ -241,8 +247,10 @@ def _print_router(url: str, status: dict[str, Any], file_version: str) -> None:
     if not isinstance(guard, dict):
         print("  guard: not reported by this router")
         return
-    for name in ("frozen", "tripped", "threshold", "value", "limit", "tripped_at", "reset_at"):
+    for name in ("frozen", "tripped", "threshold", "value", "limit"):
         print(f"  guard.{name}: {_text(guard.get(name))}")
+    for name in ("tripped_at", "reset_at"):
+        print(f"  guard.{name}: {_time_text(guard.get(name))}")
 
 
 def _text(value: Any) -> str:
@@ -251,6 +259,17 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _time_text(value: Any) -> str:
+    """Return a status time as ISO 8601 UTC text.
+
+    Routers from before the status body used ISO 8601 times send epoch seconds, which are
+    converted so that every time prints in the rules file's format.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format_epoch(value)
+    return _text(value)
 
 
 # Command line

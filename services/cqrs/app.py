@@ -34,12 +34,16 @@ from services.shared.domain import (
     order_not_found,
 )
 from services.shared.errors import NotFound
-from services.shared.migration_health import install_health_metrics
 from services.shared.reconciliation import install_reconcile_metrics
 from services.shared.scopes import ORDERS_READ, ORDERS_WRITE, PRODUCTS_READ
 from services.shared.security import JWKSClient, KeySource, Principal, TokenVerifier
 from services.shared.streams import connect
-from services.shared.web import ReadinessCheck, install_common, require_scope
+from services.shared.web import (
+    ReadinessCheck,
+    install_common,
+    install_health_metrics,
+    require_scope,
+)
 
 from . import commands, digests, read_model, write_model
 from .schema import open_write_model

@@ -8,10 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
-from services.shared.migration_health import install_health_metrics
 from services.shared.security import JWKSClient, KeySource, TokenVerifier
 from services.shared.streams import connect
-from services.shared.web import ReadinessCheck, install_common
+from services.shared.web import ReadinessCheck, install_common, install_health_metrics
 
 from . import digests, routes, sync
 from .schema import open_database

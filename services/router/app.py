@@ -13,6 +13,7 @@ default), and the router would forward that spoofed address.
 """
 
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
 
 from services.shared.errors import Forbidden, Unauthorized, Unavailable
-from services.shared.logs import request_id_var
+from services.shared.logs import request_id_var, valid_request_id
+from services.shared.metrics import mark_metrics_process_dead, metrics_payload
 from services.shared.revocation import RevocationList
 from services.shared.scopes import GRAY_ADMIN
 from services.shared.security import (
@@ -35,8 +37,8 @@ from services.shared.security import (
     bearer_token,
 )
 from services.shared.streams import connect
-from services.shared.web import valid_request_id
 
+from .access_log import AccessLog
 from .dashboard import DASHBOARD_HEADERS, render_dashboard
 from .gate import UserGate
 from .guard import Guard
@@ -71,7 +73,6 @@ from .shadow import Capture, ShadowReads, ShadowSource
 from .tokens import CachingVerifier
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("ztcqrs.access")
 
 REQUESTS = Counter(
     "ztcqrs_router_requests_total",
@@ -156,6 +157,9 @@ class RouterApp:
         )
         self._trusted = settings.trusted_networks
         self._owns_key_source = owns_key_source
+        self.access_log = AccessLog("router", enabled=settings.access_log)
+        self._request_counters: dict[tuple[str, str, int], Counter] = {}
+        self._duration_histograms: dict[str, Histogram] = {}
         self.guard = Guard(
             settings.redis_url,
             lambda: self.reloader.current.rules.guard,
@@ -191,6 +195,12 @@ class RouterApp:
         if isinstance(self.key_source, JWKSClient):
             await self.key_source.refresh(force=True)
         loaded = self.reloader.current
+        # The modules, settings and rules loaded so far live as long as the process. Moved out of
+        # the collector's reach, they no longer make each full collection take tens of
+        # milliseconds (about 30 ms for 100,000 objects on a 2-vCPU VM), which stalled every
+        # request in flight and set the p99 latency.
+        gc.collect()
+        gc.freeze()
         log.info(
             "router started",
             extra={
@@ -211,6 +221,8 @@ class RouterApp:
             await self.revocations.stop()
         if self._owns_key_source and isinstance(self.key_source, JWKSClient):
             await self.key_source.aclose()
+        self.access_log.flush()
+        mark_metrics_process_dead()
         log.info("router stopped")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -259,20 +271,35 @@ class RouterApp:
         finally:
             elapsed = time.perf_counter() - started
             if not exchange.quiet:
-                REQUESTS.labels(exchange.rule, exchange.target, str(exchange.status)).inc()
-                REQUEST_DURATION.labels(exchange.target).observe(elapsed)
+                self._count(exchange, elapsed)
                 if exchange.target in TARGETS:
                     self.guard.count_response(exchange.target)
-                fields: dict[str, Any] = {
-                    "method": exchange.method, "path": exchange.path,
-                    "status": exchange.status, "target": exchange.target,
-                    "rule": exchange.rule, "duration_ms": round(elapsed * 1000, 2),
-                    "request_id": request_id, "client_address": exchange.client,
-                }
-                if exchange.error is not None:
-                    fields["error"] = exchange.error
-                access_log.info("request served", extra=fields)
+                if self.access_log.enabled:
+                    fields: dict[str, Any] = {
+                        "method": exchange.method, "path": exchange.path,
+                        "status": exchange.status, "target": exchange.target,
+                        "rule": exchange.rule, "duration_ms": round(elapsed * 1000, 2),
+                        "request_id": request_id, "client_address": exchange.client,
+                    }
+                    if exchange.error is not None:
+                        fields["error"] = exchange.error
+                    self.access_log.write(fields)
             request_id_var.reset(context)
+
+    def _count(self, exchange: Exchange, elapsed: float) -> None:
+        # prometheus-client's labels() validates and locks on every call, so the children are
+        # kept here. Rule names, targets and statuses are few, so the dictionaries stay small.
+        key = (exchange.rule, exchange.target, exchange.status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = REQUESTS.labels(exchange.rule, exchange.target, str(exchange.status))
+            self._request_counters[key] = counter
+        counter.inc()
+        histogram = self._duration_histograms.get(exchange.target)
+        if histogram is None:
+            histogram = REQUEST_DURATION.labels(exchange.target)
+            self._duration_histograms[exchange.target] = histogram
+        histogram.observe(elapsed)
 
     async def _handle(
         self,
@@ -519,11 +546,17 @@ class RouterApp:
             exchange.response_started = True
             start = {"type": "http.response.start", "status": response.status, "headers": headers}
             await send(start)
+            content = response.content
+            finished = False
             try:
-                async for chunk in response.content.iter_any():
+                async for chunk in content.iter_any():
                     if capture is not None:
                         capture.add(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    # The last chunk of a body closes the response in the same message, which
+                    # saves a send (and, for a chunked response, a write to the client).
+                    finished = content.at_eof()
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": not finished})
             except (aiohttp.ClientError, TimeoutError) as error:
                 kind = "timeout" if isinstance(error, TimeoutError) else "protocol"
                 UPSTREAM_ERRORS.labels(exchange.target, kind).inc()
@@ -537,7 +570,8 @@ class RouterApp:
                 # Returning without the final body message makes the ASGI server close the
                 # connection, so the client sees a truncated response instead of a complete one.
                 return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not finished:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             if capture is not None:
                 capture.complete = True
 
@@ -572,7 +606,7 @@ class RouterApp:
             await self._readyz(send, exchange, loaded)
         else:
             content_type = (b"content-type", CONTENT_TYPE_LATEST.encode())
-            await self._send(send, exchange, 200, generate_latest(), [content_type])
+            await self._send(send, exchange, 200, metrics_payload(), [content_type])
 
     async def _readyz(self, send: Send, exchange: Exchange, loaded: LoadedRules) -> None:
         failures: dict[str, str] = {}
@@ -616,12 +650,16 @@ class RouterApp:
     ) -> None:
         if not await self._authorize_admin(scope, send, exchange):
             return
-        page = render_dashboard(await self._status_body(loaded), phase=self.settings.phase)
+        page = render_dashboard(await self._status_body(loaded))
         await self._send(send, exchange, 200, page.encode(), list(DASHBOARD_HEADERS))
 
     async def _status_body(self, loaded: LoadedRules) -> dict[str, Any]:
-        """Build the body of `/_gray/status`, which the dashboard renders too."""
+        """Build the body of `/_gray/status`, which the dashboard renders too.
+
+        Every time in it is ISO 8601 UTC, as `services.shared.clock.format_timestamp` writes it.
+        """
         return {
+            "phase": self.settings.phase.value,
             "rules_version": loaded.version,
             "loaded_at": loaded.loaded_at,
             "rules_file": str(loaded.source),

@@ -9,11 +9,13 @@ import base64
 import hashlib
 import html
 import re
-from datetime import UTC, datetime
 from importlib import resources
 from string import Template
 from typing import Any
 
+from services.shared.clock import utc_now
+
+from .guard import HEALTH_UNREADABLE
 from .rules import TARGETS
 
 _TEMPLATE_TEXT = resources.files(__package__).joinpath("dashboard.html").read_text("utf-8")
@@ -48,8 +50,11 @@ CHART_BOTTOM = 20
 COLORS = {"monolith": "#6b7a99", "cqrs": "#2f8f5b"}
 
 
-def render_dashboard(status: dict[str, Any], *, phase: str) -> str:
-    """Render the status body as the dashboard page."""
+def render_dashboard(status: dict[str, Any]) -> str:
+    """Render the status body as the dashboard page.
+
+    The body's times are already ISO 8601 UTC strings, so the page shows them unchanged.
+    """
     guard = status.get("guard") or {}
     split = status.get("split") or {}
     health = status.get("health")
@@ -58,8 +63,8 @@ def render_dashboard(status: dict[str, Any], *, phase: str) -> str:
     served = sum(totals.values())
     guard_class, guard_text = _guard_state(guard)
     values = {
-        "generated_at": _time(datetime.now(UTC).timestamp()),
-        "phase": _escape(phase),
+        "generated_at": _escape(utc_now()),
+        "phase": _escape(status.get("phase") or "unknown"),
         "rules_version": _escape(status.get("rules_version")),
         "loaded_at": _escape(status.get("loaded_at")),
         "rules_file": _escape(status.get("rules_file")),
@@ -67,6 +72,7 @@ def render_dashboard(status: dict[str, Any], *, phase: str) -> str:
         "rules_error": _escape(status.get("last_error") or "none"),
         "guard_class": guard_class,
         "guard_text": _escape(guard_text),
+        "guard_action": _guard_action(guard),
         "guard_details": _guard_details(guard),
         "monolith_total": _escape(totals["monolith"]),
         "cqrs_total": _escape(totals["cqrs"]),
@@ -94,21 +100,84 @@ def _guard_state(guard: dict[str, Any]) -> tuple[str, str]:
             f"of {_number(guard.get('limit'))}. Requests for cqrs go to the monolith."
         )
     if guard.get("frozen"):
-        return "frozen", "Frozen: every request goes to the monolith."
+        return "frozen", "Frozen: every request that the rules send to cqrs goes to the monolith."
     return "normal", "Not tripped: requests go where the rules send them."
 
 
+# How a trip on each threshold is lifted, from services/router/guard.py. `$unfreeze` becomes the
+# command. A trip is cleared when the rules' reset_at is later than its tripped_at, and unfreeze
+# sets reset_at to now, but the guard trips again at its next check on evidence from after that.
+_LIFT_TRIP = {
+    "drift_entities": (
+        "$unfreeze lifts the trip. The guard then ignores this reconcile run and trips again "
+        "only when a later run reports drift above the limit."
+    ),
+    "lag_seconds": (
+        "$unfreeze lifts the trip once the lag is back under the limit. Before that, the guard "
+        "trips again at its next check."
+    ),
+    "dead_letters": (
+        "Replay or delete the dead letters with $dlq, then $unfreeze lifts the trip. Before "
+        "that, the guard trips again at its next check."
+    ),
+    "cqrs_error_rate": (
+        "$unfreeze lifts the trip. Only calls to cqrs after that count, so the guard trips again "
+        "if cqrs keeps failing."
+    ),
+    HEALTH_UNREADABLE: (
+        "This router cannot read the migration health from Redis, and lifts the trip by itself "
+        "once it reads Redis again. $unfreeze does not lift it."
+    ),
+}
+_LIFT_OTHER = "$unfreeze lifts the trip once the value is back under the limit."
+_LIFT_FREEZE = "$unfreeze ends the freeze."
+_LIFT_FREEZE_TOO = "The rules are also frozen, and $unfreeze ends the freeze."
+_COMMANDS = {
+    "unfreeze": "<code>ztcqrs rollout unfreeze</code>",
+    "dlq": "<code>ztcqrs dlq</code>",
+}
+
+
+def _guard_action(guard: dict[str, Any]) -> str:
+    """Return HTML sentences that describe how to lift the trip or the freeze, or "" for neither."""
+    sentences: list[str] = []
+    if guard.get("tripped"):
+        threshold = guard.get("threshold")
+        sentences.append(_LIFT_TRIP.get(str(threshold), _LIFT_OTHER))
+        if guard.get("frozen"):
+            sentences.append(_LIFT_FREEZE_TOO)
+    elif guard.get("frozen"):
+        sentences.append(_LIFT_FREEZE)
+    if not sentences:
+        return ""
+    text = Template(" ".join(sentences)).substitute(_COMMANDS)
+    return f'<span id="guard-action" class="guard-action">{text}</span>'
+
+
+def _thresholds_text(thresholds: dict[str, Any]) -> str:
+    """Describe the set thresholds. The error window applies to cqrs_error_rate only."""
+    parts: list[str] = []
+    for name in ("drift_entities", "lag_seconds", "dead_letters", "cqrs_error_rate"):
+        value = thresholds.get(name)
+        if value is None:
+            continue
+        part = f"{name} {_number(value)}"
+        if name == "cqrs_error_rate":
+            part += (
+                f" (over the last {_number(thresholds.get('error_window_seconds'))} s, at "
+                f"least {_number(thresholds.get('min_requests'))} calls)"
+            )
+        parts.append(part)
+    return ", ".join(parts) or "none set"
+
+
 def _guard_details(guard: dict[str, Any]) -> str:
-    thresholds = guard.get("thresholds") or {}
-    limits = ", ".join(
-        f"{name} {_number(value)}" for name, value in thresholds.items() if value is not None
-    )
     rows = [
         ("Frozen", "yes" if guard.get("frozen") else "no"),
         ("Tripped at", _time(guard.get("tripped_at"))),
         ("Tripped by", guard.get("tripped_by") or "none"),
         ("Reset at", _time(guard.get("reset_at"))),
-        ("Thresholds", limits or "none"),
+        ("Thresholds", _thresholds_text(guard.get("thresholds") or {})),
         ("Last check", _time(guard.get("checked_at"))),
     ]
     return "\n".join(f"<dt>{_escape(name)}</dt><dd>{_escape(value)}</dd>" for name, value in rows)
@@ -288,11 +357,9 @@ def _number(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def _time(epoch: Any) -> str:
-    """Format epoch seconds as UTC ISO 8601, or "never" when absent."""
-    if not isinstance(epoch, int | float) or isinstance(epoch, bool):
-        return "never"
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _time(value: Any) -> str:
+    """Return a time of the status body, which is already ISO 8601 text, or "never"."""
+    return value if isinstance(value, str) and value else "never"
 
 
 def _escape(value: Any) -> str:

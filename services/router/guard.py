@@ -41,6 +41,7 @@ import redis.asyncio as redis
 from prometheus_client import Counter, Gauge
 from redis import exceptions as redis_errors
 
+from services.shared.clock import format_epoch
 from services.shared.migration_health import HealthSnapshot, read_health
 from services.shared.names import GRAY_GUARD_KEY, GRAY_SPLIT_BUCKET_SECONDS
 from services.shared.retry import sleep_unless_stopped
@@ -59,8 +60,10 @@ GUARD_TRIPS = Counter(
 )
 GUARD_TRIPPED = Gauge(
     "ztcqrs_router_guard_tripped",
-    "1 while this process sends requests meant for cqrs to the monolith because the guard is "
-    "tripped (by any router, or by unreadable health), else 0. A manual freeze is not counted.",
+    "1 while this router (any of its processes) sends requests meant for cqrs to the monolith "
+    "because the guard is tripped (by any router, or by unreadable health), else 0. A manual "
+    "freeze is not counted.",
+    multiprocess_mode="livemax",
 )
 
 # X-Gray-Rule of requests the guard diverted.
@@ -379,31 +382,34 @@ class Guard:
     # Status
 
     def status(self, config: GuardConfig) -> dict[str, Any]:
-        """Return the `guard` section of the router's status."""
+        """Return the `guard` section of the router's status, with times as ISO 8601 UTC."""
         now = self._clock()
         trip = self.trip
+        tripped_at: float | None = None
         body: dict[str, Any] = {
             "frozen": config.frozen,
             "tripped": self.diverting,
             "threshold": None, "value": None, "limit": None, "tripped_at": None,
             "tripped_by": None,
-            "reset_at": config.reset_at,
+            "reset_at": _iso_time(config.reset_at),
             "thresholds": config.thresholds.__dict__.copy(),
-            "checked_at": self.checked_at,
+            "checked_at": _iso_time(self.checked_at),
             "error": self.last_error,
         }
         if trip is not None:
+            tripped_at = trip.tripped_at
             body.update(
                 threshold=trip.threshold, value=trip.value, limit=trip.limit,
-                tripped_at=trip.tripped_at, tripped_by=trip.router,
+                tripped_by=trip.router,
             )
         elif self.failing_safe(config, now) and self._unreadable_since is not None:
             since = self._unreadable_since
+            tripped_at = since + self.fail_safe_seconds
             body.update(
                 threshold=HEALTH_UNREADABLE, value=round(now - since, 1),
-                limit=self.fail_safe_seconds, tripped_at=since + self.fail_safe_seconds,
-                tripped_by=self._router,
+                limit=self.fail_safe_seconds, tripped_by=self._router,
             )
+        body["tripped_at"] = _iso_time(tripped_at)
         return body
 
     def health_status(self) -> dict[str, Any] | None:
@@ -411,18 +417,28 @@ class Guard:
         return None if self.snapshot is None else self.snapshot.to_dict()
 
     async def split_status(self) -> dict[str, Any]:
-        """Return the `split` section: responses per target per bucket over the last 10 minutes."""
+        """Return the `split` section: responses per target per bucket over the last 10 minutes.
+
+        Each bucket's `start` is ISO 8601 UTC, while the Redis keys keep epoch seconds.
+        """
         body: dict[str, Any] = {"bucket_seconds": GRAY_SPLIT_BUCKET_SECONDS, "buckets": []}
         if self._client is None:
             body["error"] = "The guard is not running, so the split is not read from Redis."
             return body
         try:
             async with asyncio.timeout(STATUS_READ_TIMEOUT_SECONDS):
-                body["buckets"] = await read_split(self._client, self._clock())
+                buckets = await read_split(self._client, self._clock())
         except (redis_errors.RedisError, OSError, TimeoutError) as error:
             log.warning("split read for the status failed", extra={"error": str(error)})
             body["error"] = f"The split could not be read from Redis: {error}"
+            return body
+        body["buckets"] = [{**bucket, "start": _iso_time(bucket["start"])} for bucket in buckets]
         return body
+
+
+def _iso_time(epoch: float | None) -> str | None:
+    """Format epoch seconds as ISO 8601 UTC, the format of `loaded_at` and every status time."""
+    return None if epoch is None else format_epoch(epoch)
 
 
 def _text(value: Any) -> str:

@@ -56,6 +56,10 @@ _DROPPED_RESPONSE_PREFIXES = (b"x-gray-",)
 _PATH_SAFE = "/:@!$&'()*+,;="
 _FORBIDDEN_IN_PATH = re.compile(r"[\x00-\x1f\x7f\\]")
 _SLASHES = re.compile(r"/{2,}")
+# Paths that are already normal: `/`, or segments of unreserved and sub-delim characters without
+# `%`, `;`, backslash or control characters, none starting with `.` (so no `.` or `..` segment),
+# and no empty segment or trailing slash.
+_PLAIN_PATH = re.compile(rb"/|(?:/[A-Za-z0-9_~!$&'()*+,=:@-][A-Za-z0-9._~!$&'()*+,=:@-]*)+")
 
 # Below uvicorn's default keep-alive timeout of 5 s, so the pool drops an idle connection before
 # the upstream server closes it. This avoids sending a request on a connection being closed.
@@ -96,6 +100,9 @@ def normalise_path(raw_path: bytes) -> str:
     forwarded, so the router and the upstream always see the same path.
     """
     raw = raw_path.split(b"?", 1)[0]
+    if _PLAIN_PATH.fullmatch(raw):
+        # Nothing to decode, resolve or reject: the checks below would return it unchanged.
+        return raw.decode("ascii")
     if b"%2f" in raw.lower():
         raise InvalidPath("The path contains an encoded slash (%2F), which is not accepted.")
     try:

@@ -7,10 +7,11 @@ split target, the rest to `otherwise`. Because the bucket depends only on the sa
 subject, raising a percentage keeps every user who already moved on the split target.
 """
 
+import functools
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -209,8 +210,12 @@ class RuleSet:
         return rule.otherwise
 
 
+@functools.lru_cache(maxsize=10_000)
 def bucket(salt: str, key: str) -> int:
-    """Return the sticky split bucket of `key`, in 0..9999."""
+    """Return the sticky split bucket of `key`, in 0..9999.
+
+    Cached because every request of a user computes the same SHA-256.
+    """
     digest = hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()
     return int(digest[:8], 16) % BUCKETS
 
@@ -255,10 +260,35 @@ def compile_glob(glob: str) -> re.Pattern[str]:
     return re.compile("".join(parts))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping.
+
+    PyYAML keeps the last of two equal keys without a word, so a second `guard:` section would
+    silently replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                continue  # the base class rejects an unhashable key with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"key {key!r} on line {line} repeats the key on line {seen[key]}; "
+                    "merge the two into one",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def parse_rules(text: str | bytes) -> RuleSet:
     """Parse and validate a rules document, or raise RulesError naming the first invalid field."""
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise RulesError(f"the file is not valid YAML: {error}") from error
     if not isinstance(document, dict):

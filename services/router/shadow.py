@@ -32,7 +32,8 @@ from typing import Any
 import aiohttp
 from prometheus_client import Counter
 
-from services.shared.web import MAX_REQUEST_ID_LENGTH
+from services.shared.clock import format_epoch
+from services.shared.logs import MAX_REQUEST_ID_LENGTH
 
 from .gate import LOG_INTERVAL_SECONDS, LogThrottle
 from .proxy import UpstreamError, Upstreams
@@ -163,6 +164,15 @@ class ShadowReads:
         task.add_done_callback(self._tasks.discard)
 
     def status(self, config: ShadowConfig) -> dict[str, Any]:
+        """Return the `shadow` section of the router's status.
+
+        A sample's `at` is stored as epoch seconds and returned as ISO 8601 UTC.
+        """
+        recent = list(self.samples)[-config.max_samples:] if config.max_samples else []
+        samples = [
+            {**sample, "at": format_epoch(sample["at"])}
+            for sample in recent
+        ]
         return {
             "percent": config.percent,
             "matches": self.counts["match"],
@@ -170,7 +180,7 @@ class ShadowReads:
             "errors": self.counts["error"],
             "dropped": self.counts["dropped"],
             "in_flight": len(self._tasks),
-            "samples": list(self.samples)[-config.max_samples:] if config.max_samples else [],
+            "samples": samples,
         }
 
     async def close(self) -> None:

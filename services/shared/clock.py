@@ -12,5 +12,10 @@ def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def format_epoch(seconds: float) -> str:
+    """Format a Unix time in seconds like `format_timestamp`."""
+    return format_timestamp(datetime.fromtimestamp(seconds, UTC))
+
+
 def parse_timestamp(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)

@@ -5,12 +5,25 @@ token or secret.
 """
 
 import logging
+import random
 import sys
 from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_LENGTH = 128
+
+
+def valid_request_id(value: str | None) -> str:
+    """Return `value` if it is a safe request id to echo and log, or a new one."""
+    if value and len(value) <= MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable():
+        return value
+    # Unique, not secret: the id only correlates log lines, so the fast non-cryptographic
+    # generator is enough. CPython reseeds it in a forked child.
+    return f"{random.getrandbits(128):032x}"
 
 
 class _ContextFilter(logging.Filter):

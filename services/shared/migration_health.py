@@ -14,8 +14,9 @@
 A missing stream or group counts as zero. A Redis that cannot be reached raises the client's
 error, so the caller decides what an unknown state means.
 
-`HealthCollector` exposes the snapshot as Prometheus gauges; an app opts in with
-`install_health_metrics`, which refreshes the snapshot on every scrape of its `/metrics`.
+`HealthCollector` exposes the snapshot as Prometheus gauges. A FastAPI app opts in with
+`services.shared.web.install_health_metrics`, which refreshes the snapshot on every scrape of
+its `/metrics`.
 """
 
 import logging
@@ -25,13 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
-from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import exceptions as redis_errors
 
-from .clock import parse_timestamp
+from .clock import format_epoch, parse_timestamp
 from .names import (
     CDC_RELAY_NAME,
     OUTBOX_RELAY_NAME,
@@ -41,7 +41,6 @@ from .names import (
     dead_letter_stream,
 )
 from .streams import REDIS_OUTAGE_ERRORS, parse_entry_id
-from .web import add_metrics_refresher
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +108,23 @@ class HealthSnapshot:
         return sum(self.dead_letters.values())
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the snapshot as JSON-ready data, for status pages."""
+        """Return the snapshot as JSON-ready data for status pages.
+
+        `taken_at` and the reconcile run's `finished_at` become ISO 8601 UTC strings, while lags
+        stay numbers of seconds.
+        """
+        reconcile = None
+        if self.reconcile is not None:
+            reconcile = self.reconcile.__dict__.copy()
+            reconcile["finished_at"] = format_epoch(self.reconcile.finished_at)
         return {
-            "taken_at": self.taken_at,
+            "taken_at": format_epoch(self.taken_at),
             "max_lag_seconds": self.max_lag_seconds,
             "dead_letter_total": self.dead_letter_total,
             "groups": [group.__dict__.copy() for group in self.groups],
             "dead_letters": dict(self.dead_letters),
             "relay_lag_seconds": dict(self.relay_lag_seconds),
-            "reconcile": None if self.reconcile is None else self.reconcile.__dict__.copy(),
+            "reconcile": reconcile,
         }
 
 
@@ -398,19 +405,6 @@ def health_collector() -> HealthCollector:
         _collector = HealthCollector()
         REGISTRY.register(_collector)
     return _collector
-
-
-def install_health_metrics(app: FastAPI, client: "redis.Redis") -> None:
-    """Export the health gauges on `app`'s `/metrics`, read through `client` at each scrape.
-
-    The caller owns `client` and closes it when the app stops.
-    """
-    collector = health_collector()
-
-    async def refresh() -> None:
-        await collector.refresh(client)
-
-    add_metrics_refresher(app, refresh)
 
 
 # Same version, other content, seen where each side applies incoming states. `side` is

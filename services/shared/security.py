@@ -9,6 +9,7 @@ are older than a configured limit. `StaticKeySource` serves a fixed key set.
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -45,18 +46,25 @@ JWKS_REFRESHES = Counter(
 JWKS_UNKNOWN_KIDS = Counter(
     "ztcqrs_jwks_unknown_kid_total", "Tokens whose `kid` was not in the cached JWKS.", ["url"]
 )
+# multiprocess_mode applies only when a service runs several processes (ROUTER_PROCESSES). Then
+# the stale flag and key count come from the process that fetched last, and the last-success
+# time is the oldest among live processes, so an alert on the keys' age covers every process.
 JWKS_STALE = Gauge(
     "ztcqrs_jwks_stale",
     "1 while the last JWKS fetch failed and cached keys are in use, else 0.",
     ["url"],
+    multiprocess_mode="livemostrecent",
 )
 JWKS_LAST_SUCCESS = Gauge(
     "ztcqrs_jwks_last_success_timestamp_seconds",
-    "Unix time of the last successful JWKS fetch; the cached keys' age is time() minus this.",
+    "Unix time of the last successful JWKS fetch; the cached keys' age is time() minus this. "
+    "With several processes, the oldest of them.",
     ["url"],
+    multiprocess_mode="livemin",
 )
-JWKS_KEYS = Gauge("ztcqrs_jwks_keys", "Keys in the cached JWKS.", ["url"])
-
+JWKS_KEYS = Gauge(
+    "ztcqrs_jwks_keys", "Keys in the cached JWKS.", ["url"], multiprocess_mode="livemostrecent"
+)
 
 @dataclass(frozen=True)
 class Principal:
@@ -257,9 +265,11 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         """Return the principal of a valid token, or raise `Unauthorized` saying why it is not.
 
-        Raises `Unavailable` when the key source cannot vouch for any key (keys too old).
+        Raises `Unavailable` when the key source cannot vouch for any key (keys too old). The
+        header is checked before any key lookup; PyJWT then verifies the RS256 signature and the
+        registered claims, and the claim formats PyJWT lets through are checked last.
         """
-        kid, algorithm = self._check_header(token)
+        kid = _check_header(_unverified_header(token))
         key = await self.keys.get_key(kid)
         if key is None:
             raise Unauthorized(f"The token's signing key {kid!r} is not published by the issuer.")
@@ -267,7 +277,7 @@ class TokenVerifier:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
-                algorithms=[algorithm],
+                algorithms=list(ALLOWED_ALGORITHMS),
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway_seconds,
@@ -277,39 +287,13 @@ class TokenVerifier:
             raise Unauthorized("The token has expired; request a new one.") from error
         except jwt.InvalidTokenError as error:
             raise Unauthorized(f"The token is invalid: {error}.") from error
-        return self._principal(claims)
-
-    def _check_header(self, token: str) -> tuple[str, str]:
-        if len(token) > MAX_TOKEN_LENGTH:
+        except OverflowError as error:
+            # PyJWT converts dates with int(), which raises OverflowError for an infinite value.
             raise Unauthorized(
-                f"The token has {len(token)} characters, more than the limit of {MAX_TOKEN_LENGTH}."
-            )
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError as error:
-            # PyJWT's text names decoder internals (codecs, byte offsets) that help no client.
-            raise Unauthorized(
-                "The token is not a well-formed JWT; send the access token exactly as the auth "
-                "server issued it."
+                "The token is invalid: a date claim is not a finite number."
             ) from error
-        algorithm = header.get("alg")
-        if algorithm not in ALLOWED_ALGORITHMS:
-            raise Unauthorized(
-                f"The token's algorithm {algorithm!r} is not accepted; "
-                f"only {', '.join(ALLOWED_ALGORITHMS)} is."
-            )
-        token_type = header.get("typ")
-        if not isinstance(token_type, str) or token_type.lower() not in ACCESS_TOKEN_TYPES:
-            raise Unauthorized(f"The token's type {token_type!r} is not an access token (at+jwt).")
-        present = FORBIDDEN_HEADERS.intersection(header)
-        if present:
-            raise Unauthorized(f"The token carries key-location headers {sorted(present)}.")
-        if "crit" in header:
-            raise Unauthorized("The token has critical header extensions, which are not supported.")
-        kid = header.get("kid")
-        if not isinstance(kid, str) or not KID_PATTERN.fullmatch(kid):
-            raise Unauthorized("The token's `kid` header is missing or invalid.")
-        return kid, algorithm
+        _check_claim_formats(claims)
+        return self._principal(claims)
 
     @staticmethod
     def _principal(claims: dict[str, Any]) -> Principal:
@@ -328,6 +312,66 @@ class TokenVerifier:
             expires_at=int(claims["exp"]),
             claims=claims,
         )
+
+
+_MALFORMED = (
+    "The token is not a well-formed JWT; send the access token exactly as the auth server "
+    "issued it."
+)
+
+
+def _unverified_header(token: str) -> dict[str, Any]:
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise Unauthorized(
+            f"The token has {len(token)} characters, more than the limit of {MAX_TOKEN_LENGTH}."
+        )
+    try:
+        header: dict[str, Any] = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError as error:
+        # PyJWT's text names decoder internals (codecs, byte offsets) that help no client.
+        raise Unauthorized(_MALFORMED) from error
+    return header
+
+
+def _check_header(header: dict[str, Any]) -> str:
+    """Check the JOSE header of an access token and return its `kid`, or raise `Unauthorized`."""
+    algorithm = header.get("alg")
+    if algorithm not in ALLOWED_ALGORITHMS:
+        raise Unauthorized(
+            f"The token's algorithm {algorithm!r} is not accepted; "
+            f"only {', '.join(ALLOWED_ALGORITHMS)} is."
+        )
+    token_type = header.get("typ")
+    if not isinstance(token_type, str) or token_type.lower() not in ACCESS_TOKEN_TYPES:
+        raise Unauthorized(f"The token's type {token_type!r} is not an access token (at+jwt).")
+    present = FORBIDDEN_HEADERS.intersection(header)
+    if present:
+        raise Unauthorized(f"The token carries key-location headers {sorted(present)}.")
+    if "crit" in header or "b64" in header:
+        raise Unauthorized("The token has critical header extensions, which are not supported.")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not KID_PATTERN.fullmatch(kid):
+        raise Unauthorized("The token's `kid` header is missing or invalid.")
+    return kid
+
+
+def _check_claim_formats(claims: dict[str, Any]) -> None:
+    """Reject claim values that PyJWT accepts but RFC 7519 does not, or raise `Unauthorized`."""
+    for name in ("exp", "iat", "nbf"):
+        value = claims.get(name)
+        # json.loads accepts NaN and Infinity, and PyJWT accepts booleans as numbers.
+        if name in claims and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise Unauthorized(f"The token is invalid: its `{name}` claim is not a number.")
+    audience = claims["aud"]
+    audiences = [audience] if isinstance(audience, str) else audience
+    if not isinstance(audiences, list) or not all(isinstance(name, str) for name in audiences):
+        raise Unauthorized("The token is invalid: its `aud` is not a string or string list.")
+    jti = claims["jti"]
+    if not isinstance(jti, str) or not jti:
+        raise Unauthorized("The token is invalid: its `jti` is not a non-empty string.")
 
 
 def bearer_token(authorization: str | None) -> str:

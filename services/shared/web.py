@@ -3,7 +3,6 @@ dependencies with revocation checks, `/healthz`, `/readyz` and `/metrics`."""
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -12,21 +11,25 @@ import redis.exceptions
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Histogram,
+)
+from redis.asyncio import Redis as AsyncRedis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ServiceError, Unauthorized, Unavailable
-from .logs import request_id_var
+from .logs import REQUEST_ID_HEADER, request_id_var, valid_request_id
+from .metrics import metrics_payload
+from .migration_health import health_collector
 from .revocation import RevocationList
 from .security import Principal, TokenVerifier, bearer_token
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ztcqrs.access")
-
-REQUEST_ID_HEADER = "x-request-id"
-MAX_REQUEST_ID_LENGTH = 128
 
 HTTP_REQUESTS = Counter(
     "ztcqrs_http_requests_total",
@@ -40,13 +43,6 @@ HTTP_LATENCY = Histogram(
 )
 
 ReadinessCheck = Callable[[], Awaitable[None]]
-
-
-def valid_request_id(value: str | None) -> str:
-    """Return `value` if it is a safe request id to echo and log, or a new one."""
-    if value and len(value) <= MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable():
-        return value
-    return uuid.uuid4().hex
 
 
 class RequestContextMiddleware:
@@ -206,7 +202,7 @@ def install_health_routes(app: FastAPI, checks: dict[str, ReadinessCheck]) -> No
     async def metrics() -> Response:
         for refresh in getattr(app.state, "metrics_refreshers", ()):
             await refresh()
-        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(metrics_payload(), media_type=CONTENT_TYPE_LATEST)
 
 
 def add_metrics_refresher(app: FastAPI, refresh: Callable[[], Awaitable[None]]) -> None:
@@ -284,3 +280,16 @@ def install_common(app: FastAPI, *, service: str, checks: dict[str, ReadinessChe
             app,
             RevocationList(settings.redis_url, leeway_seconds=settings.token_leeway_seconds),
         )
+
+
+def install_health_metrics(app: FastAPI, client: AsyncRedis) -> None:
+    """Export the health gauges on `app`'s `/metrics`, read through `client` at each scrape.
+
+    The caller owns `client` and closes it when the app stops.
+    """
+    collector = health_collector()
+
+    async def refresh() -> None:
+        await collector.refresh(client)
+
+    add_metrics_refresher(app, refresh)
