@@ -16,6 +16,9 @@ from jwt.algorithms import RSAAlgorithm
 
 from services.shared.embedded_redis import EmbeddedRedis
 
+# The `monolith` and `cqrs` stand-in upstreams of the router tests.
+pytest_plugins = ["tests.router_support"]
+
 TEST_ISSUER = "http://issuer.test"
 TEST_AUDIENCE = "ztcqrs-api"
 

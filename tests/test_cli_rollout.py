@@ -26,7 +26,7 @@ from services.cli.main import build_parser
 from services.cli.rules_store import EditConflict, FileStore
 from services.router.rules import parse_rules
 from tests.conftest import SigningKey
-from tests.test_router_proxy import router_settings, running_router
+from tests.router_support import router_settings, running_router
 
 RULES = """\
 # Rollout test rules.

@@ -26,7 +26,7 @@ from services.shared.names import (
     dead_letter_stream,
 )
 from tests.conftest import SigningKey
-from tests.test_router_proxy import StandIn, router_settings, running_router
+from tests.router_support import StandIn, router_settings, running_router
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]

@@ -18,7 +18,7 @@ from services.router.rules import Decision, GateConfig, RulesError, parse_rules
 from services.shared.names import GATE_GROUPS, GATE_PUBLISHED_KEY, gate_applied_key
 from services.shared.security import StaticKeySource
 from tests.conftest import SigningKey, free_port
-from tests.test_router_proxy import StandIn, router_settings, serve
+from tests.router_support import StandIn, router_settings, serve
 
 AuthHeader = Callable[..., dict[str, str]]
 WAIT_SECONDS = 10.0
@@ -38,22 +38,6 @@ rules:
 gate:
   enabled: {enabled}
 """
-
-
-@pytest.fixture
-async def monolith() -> AsyncIterator[StandIn]:
-    server = StandIn("monolith")
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def cqrs() -> AsyncIterator[StandIn]:
-    server = StandIn("cqrs")
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from services.shared.names import (
     dead_letter_stream,
 )
 from tests.conftest import SigningKey, free_port
-from tests.test_router_proxy import StandIn, router_settings, running_router
+from tests.router_support import StandIn, router_settings, running_router
 
 # The guard checks every 0.1 s in these tests. The wait is long because the machine may be busy.
 WAIT_SECONDS = 10.0
@@ -60,22 +60,6 @@ def rules_text(*, frozen: bool = False, reset_at: str | None = None) -> str:
     return RULES.format(
         frozen="true" if frozen else "false", reset_at=f'"{reset_at}"' if reset_at else "null"
     )
-
-
-@pytest.fixture
-async def monolith() -> AsyncIterator[StandIn]:
-    server = StandIn("monolith")
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def cqrs() -> AsyncIterator[StandIn]:
-    server = StandIn("cqrs")
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from services.router.shadow import UNORDERED_LISTS, Answer, _difference
 from services.shared.clock import format_timestamp
 from services.shared.security import StaticKeySource
 from tests.conftest import SigningKey, free_port
-from tests.test_router_proxy import router_settings, serve
+from tests.router_support import router_settings, serve
 
 AuthHeader = Callable[..., dict[str, str]]
 WAIT_SECONDS = 10.0

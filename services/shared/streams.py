@@ -163,7 +163,7 @@ class ConsumerOptions:
     max_tries: int = 5
     claim_idle_ms: int = 30_000
     block_ms: int = 1_000
-    batch_size: int = 100
+    batch_size: int = 500
     retry_base_seconds: float = 0.2
     retry_max_seconds: float = 10.0
     # Time the entry in hand may take to finish after a stop request. After it the entry is
