@@ -24,6 +24,10 @@ ORDER_KEYS = {
     "updated_at",
 }
 KEYBOARD = {"items": [{"product_id": "prod-keyboard", "quantity": 1}]}
+# Requests in a row, each on a new connection, that must all take the same route before every
+# router process counts as having reloaded. New connections spread over the processes that share
+# the listening socket, so a row this long reaches each of them.
+ROUTER_AGREEMENT_REQUESTS = 20
 
 
 def create_order(platform: Platform, headers: dict[str, str]) -> httpx.Response:
@@ -197,10 +201,18 @@ def test_rules_reload_changes_routing(platform: Platform, bob: dict[str, str]) -
     def gray_status() -> Any:
         return httpx.get(f"{platform.url('router')}/_gray/status", headers=admin, timeout=5).json()
 
+    def all_routed_to(target: str) -> bool:
+        # The router may run several processes, each reloading the file on its own; a request
+        # on a new connection may reach any of them, so every one of a row of requests must agree.
+        return all(
+            create_order(platform, bob).headers.get("X-Gray-Target") == target
+            for _ in range(ROUTER_AGREEMENT_REQUESTS)
+        )
+
     try:
         replace_rules(rules_file, yaml.safe_dump(rules))
         wait_for(
-            lambda: create_order(platform, bob).headers.get("X-Gray-Target") == "cqrs",
+            lambda: all_routed_to("cqrs"),
             what="bob to move to the CQRS side after the percentage change",
         )
 
@@ -217,7 +229,4 @@ def test_rules_reload_changes_routing(platform: Platform, bob: dict[str, str]) -
         assert gray_status()["last_error"]
     finally:
         replace_rules(rules_file, original)
-    wait_for(
-        lambda: create_order(platform, bob).headers.get("X-Gray-Target") == "monolith",
-        what="bob to return to the monolith",
-    )
+    wait_for(lambda: all_routed_to("monolith"), what="bob to return to the monolith")
