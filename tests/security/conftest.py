@@ -222,6 +222,9 @@ def recording_router(
         "ROUTER_CQRS_URL": cqrs.url,
         "ROUTER_RULES_FILE": str(rules_file),
         "ROUTER_RULES_POLL_SECONDS": "0.2",
+        # One process, so a status read and the next request see the same rules and counters;
+        # test_router_processes.py runs several.
+        "ROUTER_PROCESSES": "1",
         **settings,
     }
     try:
