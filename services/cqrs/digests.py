@@ -16,7 +16,14 @@ from sqlalchemy import Engine, select
 from services.shared.errors import Forbidden, NotFound
 from services.shared.events import Event
 from services.shared.names import ORIGIN_CQRS
-from services.shared.reconciliation import KINDS, Digest, list_conflicts
+from services.shared.reconciliation import (
+    KINDS,
+    MAX_DIGEST_PAGE,
+    Digest,
+    digest_page,
+    digest_query,
+    list_conflicts,
+)
 from services.shared.scopes import SYNC_WRITE
 from services.shared.security import Principal
 from services.shared.web import require_scope
@@ -29,7 +36,7 @@ from .write_model import reading, row_to_state
 
 router = APIRouter(prefix="/internal/reconcile")
 
-MAX_PAGE = 1000
+MAX_PAGE = MAX_DIGEST_PAGE
 
 SyncScoped = Annotated[Principal, Depends(require_scope(SYNC_WRITE))]
 
@@ -76,21 +83,11 @@ def get_digests(
     """Return one page of write-model digests in id order; `next_after` is null on the last page."""
     if kind not in KINDS:
         raise NotFound(f"Kind {kind!r} has no digests; use one of {', '.join(KINDS)}.")
-    table = AGGREGATE_TABLES[kind]
-    query = select(table).order_by(table.c.id)
-    if ids:
-        query = query.where(table.c.id.in_(ids))
-    else:
-        query = query.where(table.c.id > after).limit(limit)
+    query = digest_query(AGGREGATE_TABLES[kind], after=after, limit=limit, ids=ids)
     with reading(engine) as connection:
         rows = connection.execute(query).all()
     digests = [Digest.of(kind, canonical_state(kind, row_to_state(kind, row))) for row in rows]
-    full_page = not ids and len(digests) == limit
-    return {
-        "kind": kind,
-        "items": [digest.to_json() for digest in digests],
-        "next_after": digests[-1].id if full_page else None,
-    }
+    return digest_page(kind, digests, limit=limit, ids=ids)
 
 
 @router.get("/unrelayed")

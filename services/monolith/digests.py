@@ -15,7 +15,16 @@ from services.shared import relay
 from services.shared.domain import OrderPublic, ProductPublic
 from services.shared.errors import NotFound
 from services.shared.names import ORIGIN_MONOLITH
-from services.shared.reconciliation import KINDS, ORDER, PRODUCT, Digest, list_conflicts
+from services.shared.reconciliation import (
+    KINDS,
+    MAX_DIGEST_PAGE,
+    ORDER,
+    PRODUCT,
+    Digest,
+    digest_page,
+    digest_query,
+    list_conflicts,
+)
 from services.shared.security import Principal
 
 from .routes import DatabaseEngine
@@ -28,7 +37,7 @@ router = APIRouter(prefix="/internal/reconcile")
 
 Reconciler = Annotated[Principal, Depends(require_sync_client)]
 
-MAX_PAGE = 1000
+MAX_PAGE = MAX_DIGEST_PAGE
 TABLES: dict[str, Table] = {ORDER: orders, PRODUCT: products}
 KINDS_OF_TABLES = {"orders": ORDER, "products": PRODUCT}
 
@@ -51,12 +60,7 @@ def list_digests(
     connection: Connection, kind: str, *, after: str, limit: int, ids: list[str]
 ) -> list[Digest]:
     """Return the digests of `ids`, or else of up to `limit` entities with an id above `after`."""
-    table = _table_of(kind)
-    query = select(table).order_by(table.c.id)
-    if ids:
-        query = query.where(table.c.id.in_(ids))
-    else:
-        query = query.where(table.c.id > after).limit(limit)
+    query = digest_query(_table_of(kind), after=after, limit=limit, ids=ids)
     return [Digest.of(kind, _state(kind, row)) for row in connection.execute(query).mappings()]
 
 
@@ -72,12 +76,7 @@ def get_digests(
     """Return one page of digests in id order; `next_after` is null on the last page."""
     with read_connection(engine) as connection:
         digests = list_digests(connection, kind, after=after, limit=limit, ids=ids or [])
-    full_page = not ids and len(digests) == limit
-    return {
-        "kind": kind,
-        "items": [digest.to_json() for digest in digests],
-        "next_after": digests[-1].id if full_page else None,
-    }
+    return digest_page(kind, digests, limit=limit, ids=ids)
 
 
 @router.get("/unrelayed")

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Connection, Table, select
+from sqlalchemy import Connection, Select, Table, select
 
 from .consistency import content_hash
 from .names import ORIGIN_CQRS, RECONCILE_LAST_KEY
@@ -227,6 +227,30 @@ class Report:
             "entities": [drift.to_json() for drift in self.drifts],
             "in_flight": [drift.to_json() for drift in self.in_flight],
         }
+
+
+# Largest page of digests the internal reconcile routes of either side return.
+MAX_DIGEST_PAGE = 1000
+
+
+def digest_query(table: Table, *, after: str, limit: int, ids: list[str] | None) -> Select[Any]:
+    """Select the rows of `ids`, or else up to `limit` rows with an id above `after`, by id."""
+    query = select(table).order_by(table.c.id)
+    if ids:
+        return query.where(table.c.id.in_(ids))
+    return query.where(table.c.id > after).limit(limit)
+
+
+def digest_page(
+    kind: str, digests: list[Digest], *, limit: int, ids: list[str] | None
+) -> dict[str, Any]:
+    """Build a digests response; `next_after` is null on the last page and for a list of ids."""
+    full_page = not ids and len(digests) == limit
+    return {
+        "kind": kind,
+        "items": [digest.to_json() for digest in digests],
+        "next_after": digests[-1].id if full_page else None,
+    }
 
 
 def list_conflicts(connection: Connection, table: Table, limit: int) -> list[dict[str, Any]]:
