@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
 
 from services.shared.errors import Forbidden, Unauthorized, Unavailable
@@ -71,6 +70,7 @@ from .rules import SAFE_METHODS, TARGETS, Decision, RequestFacts
 from .settings import Settings
 from .shadow import Capture, ShadowReads, ShadowSource
 from .tokens import CachingVerifier
+from .upstream_client import UpstreamFailure, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ class RouterApp:
         outcome = await self._call_upstream(exchange, path, query, upstream_headers, body)
         if fallback is not None and _should_fall_back(outcome):
             failed = target
-            if isinstance(outcome, aiohttp.ClientResponse):
+            if isinstance(outcome, UpstreamResponse):
                 outcome.release()
             target, path = fallback
             exchange.target = target
@@ -498,9 +498,9 @@ class RouterApp:
         exchange: Exchange,
         path: str,
         query: bytes,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | None,
-    ) -> aiohttp.ClientResponse | UpstreamError:
+    ) -> UpstreamResponse | UpstreamError:
         target = exchange.target
         try:
             response = await self.upstreams.send(
@@ -529,7 +529,7 @@ class RouterApp:
         self,
         send: Send,
         exchange: Exchange,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         capture: Capture | None = None,
     ) -> None:
         """Stream the upstream response to the client with the gray headers added.
@@ -539,39 +539,32 @@ class RouterApp:
         async with response:
             if capture is not None:
                 capture.status = response.status
-                capture.content_encoding = response.headers.get("content-encoding", "")
-            headers = client_response_headers(response.raw_headers)
+                capture.content_encoding = response.header(b"content-encoding")
+            headers = client_response_headers(response.headers)
             headers.extend(exchange.gray_headers())
             exchange.status = response.status
             exchange.response_started = True
             start = {"type": "http.response.start", "status": response.status, "headers": headers}
             await send(start)
-            content = response.content
-            finished = False
             try:
-                async for chunk in content.iter_any():
+                # The last chunk of a body closes the response in the same message, which saves
+                # a send (and, for a chunked response, a write to the client).
+                async for chunk, last in response.chunks():
                     if capture is not None:
                         capture.add(chunk)
-                    # The last chunk of a body closes the response in the same message, which
-                    # saves a send (and, for a chunked response, a write to the client).
-                    finished = content.at_eof()
-                    await send({"type": "http.response.body", "body": chunk,
-                                "more_body": not finished})
-            except (aiohttp.ClientError, TimeoutError) as error:
-                kind = "timeout" if isinstance(error, TimeoutError) else "protocol"
-                UPSTREAM_ERRORS.labels(exchange.target, kind).inc()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            except UpstreamFailure as error:
+                UPSTREAM_ERRORS.labels(exchange.target, error.kind).inc()
                 log.error(
                     "upstream response body broke off; closing the client connection",
                     extra={
-                        "target": exchange.target, "kind": kind, "error": repr(error),
+                        "target": exchange.target, "kind": error.kind, "error": str(error),
                         "path": exchange.path, "request_id": exchange.request_id,
                     },
                 )
                 # Returning without the final body message makes the ASGI server close the
                 # connection, so the client sees a truncated response instead of a complete one.
                 return
-            if not finished:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
             if capture is not None:
                 capture.complete = True
 
@@ -771,7 +764,7 @@ class RouterApp:
         await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
-def _should_fall_back(outcome: aiohttp.ClientResponse | UpstreamError) -> bool:
+def _should_fall_back(outcome: UpstreamResponse | UpstreamError) -> bool:
     if isinstance(outcome, UpstreamError):
         return True
     return outcome.status >= 500

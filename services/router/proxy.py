@@ -9,14 +9,19 @@ import logging
 import posixpath
 import re
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-import aiohttp
 from prometheus_client import Counter
-from yarl import URL
 
 from .settings import Settings
+from .upstream_client import (
+    Origin,
+    OriginPool,
+    UpstreamFailure,
+    UpstreamResponse,
+    encode_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ _PLAIN_PATH = re.compile(rb"/|(?:/[A-Za-z0-9_~!$&'()*+,=:@-][A-Za-z0-9._~!$&'()*
 # Below uvicorn's default keep-alive timeout of 5 s, so the pool drops an idle connection before
 # the upstream server closes it. This avoids sending a request on a connection being closed.
 POOL_KEEPALIVE_SECONDS = 4.0
+# Connections open at once to each upstream; more requests wait for one to come back.
+CONNECTIONS_PER_UPSTREAM = 100
 
 
 class InvalidPath(ValueError):
@@ -150,7 +157,7 @@ def upstream_request_headers(
     trusted_hop: bool,
     scheme: str,
     request_id: str,
-) -> list[tuple[str, str]]:
+) -> list[tuple[bytes, bytes]]:
     """Return the headers to send upstream: end-to-end headers plus the router's own.
 
     `Authorization` is kept because every service verifies the token again. `Content-Length` and
@@ -159,18 +166,18 @@ def upstream_request_headers(
     replaced, like X-Forwarded-For, which the caller builds with `forwarded_for_chain`.
     """
     listed = connection_listed(headers)
-    forwarded: list[tuple[str, str]] = []
-    host: str | None = None
-    proto: str | None = None
-    forwarded_host: str | None = None
-    for raw_name, raw_value in headers:
+    forwarded: list[tuple[bytes, bytes]] = []
+    host: bytes | None = None
+    proto: bytes | None = None
+    forwarded_host: bytes | None = None
+    for raw_name, value in headers:
         name = raw_name.lower()
         if name == b"host" and host is None:
-            host = raw_value.decode("latin-1")
+            host = value
         if trusted_hop and name == b"x-forwarded-proto" and proto is None:
-            proto = raw_value.decode("latin-1").strip()
+            proto = value.strip()
         if trusted_hop and name == b"x-forwarded-host" and forwarded_host is None:
-            forwarded_host = raw_value.decode("latin-1").strip()
+            forwarded_host = value.strip()
         if (
             name in HOP_BY_HOP
             or name in listed
@@ -178,13 +185,13 @@ def upstream_request_headers(
             or name.startswith(_DROPPED_REQUEST_PREFIXES)
         ):
             continue
-        forwarded.append((name.decode("latin-1"), raw_value.decode("latin-1")))
+        forwarded.append((name, value))
     if forwarded_for:
-        forwarded.append(("x-forwarded-for", ", ".join(forwarded_for)))
-    forwarded.append(("x-forwarded-proto", proto or scheme))
+        forwarded.append((b"x-forwarded-for", ", ".join(forwarded_for).encode("latin-1")))
+    forwarded.append((b"x-forwarded-proto", proto or scheme.encode("latin-1")))
     if forwarded_host or host:
-        forwarded.append(("x-forwarded-host", forwarded_host or host or ""))
-    forwarded.append(("x-request-id", request_id))
+        forwarded.append((b"x-forwarded-host", forwarded_host or host or b""))
+    forwarded.append((b"x-request-id", request_id.encode("latin-1")))
     return forwarded
 
 
@@ -280,40 +287,39 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 
 class Upstreams:
-    """The shared HTTP connection pool to the monolith and the CQRS service."""
+    """The kept-alive connection pools to the monolith and the CQRS service."""
 
     def __init__(self, settings: Settings) -> None:
-        self.base_urls = {"monolith": settings.monolith_url, "cqrs": settings.cqrs_url}
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.upstream_timeout_seconds,
-            sock_connect=settings.connect_timeout_seconds,
-            sock_read=settings.upstream_timeout_seconds,
-        )
-        self._session: aiohttp.ClientSession | None = None
+        self.origins = {
+            "monolith": Origin.parse(settings.monolith_url),
+            "cqrs": Origin.parse(settings.cqrs_url),
+        }
+        self._settings = settings
+        self._pools: dict[str, OriginPool] = {}
 
     @property
     def started(self) -> bool:
-        return self._session is not None and not self._session.closed
+        return bool(self._pools)
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._pools:
             return
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(keepalive_timeout=POOL_KEEPALIVE_SECONDS),
-            timeout=self.timeout,
-            # Cookies and compressed bodies belong to the client, so they pass through unchanged.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            # Never add headers the client did not send, and never use a proxy from the env.
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
-            trust_env=False,
-        )
+        settings = self._settings
+        self._pools = {
+            target: OriginPool(
+                origin,
+                limit=CONNECTIONS_PER_UPSTREAM,
+                keepalive_seconds=POOL_KEEPALIVE_SECONDS,
+                connect_timeout=settings.connect_timeout_seconds,
+                read_timeout=settings.upstream_timeout_seconds,
+            )
+            for target, origin in self.origins.items()
+        }
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
 
     async def send(
         self,
@@ -321,40 +327,41 @@ class Upstreams:
         method: str,
         path: str,
         query: bytes,
-        headers: Iterable[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the request and return the response once its headers arrived.
 
         Raise UpstreamError when the target cannot be reached, times out or breaks the protocol.
         The caller must release the response.
         """
-        if self._session is None:
+        pool = self._pools.get(target)
+        if pool is None:
             raise RuntimeError("The upstream pool is not started; run the app's lifespan startup.")
-        text = self.base_urls[target] + encode_path(path)
+        request_target = encode_path(path).encode("ascii")
         if query:
-            text += "?" + query.decode("latin-1")
+            request_target += b"?" + query
+        request = encode_request(method, pool.origin, request_target, headers, body)
         try:
-            return await self._session.request(
-                method, URL(text, encoded=True), headers=list(headers), data=body,
-                allow_redirects=False,
-            )
-        except TimeoutError as error:
-            raise UpstreamError(
-                "timeout", 504,
-                f"The {target} service did not answer in time; retry shortly.",
-                f"{target} timed out: {error!r}",
-            ) from error
-        except aiohttp.ClientConnectorError as error:
-            raise UpstreamError(
-                "connect", 502,
-                f"The {target} service cannot be reached; retry shortly.",
-                f"{target} cannot be reached: {error}",
-            ) from error
-        except aiohttp.ClientError as error:
-            raise UpstreamError(
-                "protocol", 502,
-                f"The {target} service sent an invalid response or closed the connection; "
-                "retry shortly.",
-                f"{target} sent an invalid response or closed the connection: {error!r}",
-            ) from error
+            return await pool.request(method, request)
+        except UpstreamFailure as failure:
+            raise upstream_error(target, failure) from failure
+
+
+def upstream_error(target: str, failure: UpstreamFailure) -> UpstreamError:
+    """Return the router's error for a failed upstream call, with a message for the client."""
+    if failure.kind == "timeout":
+        return UpstreamError(
+            "timeout", 504, f"The {target} service did not answer in time; retry shortly.",
+            f"{target} timed out: {failure}",
+        )
+    if failure.kind == "connect":
+        return UpstreamError(
+            "connect", 502, f"The {target} service cannot be reached; retry shortly.",
+            f"{target} cannot be reached: {failure}",
+        )
+    return UpstreamError(
+        "protocol", 502,
+        f"The {target} service sent an invalid response or closed the connection; retry shortly.",
+        f"{target} sent an invalid response or closed the connection: {failure}",
+    )

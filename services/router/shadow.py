@@ -29,7 +29,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from prometheus_client import Counter
 
 from services.shared.clock import format_epoch
@@ -39,6 +38,7 @@ from .gate import LOG_INTERVAL_SECONDS, LogThrottle
 from .proxy import UpstreamError, Upstreams
 from .routes import CQRS, MONOLITH, upstream_route
 from .rules import BUCKETS, ShadowConfig
+from .upstream_client import UpstreamFailure
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ SHADOW_READS = Counter(
     ["result"],
 )
 
-SHADOW_HEADER = "x-gray-shadow"
+SHADOW_HEADER = b"x-gray-shadow"
 REQUEST_ID_SUFFIX = "-shadow"
 SHADOW_METHODS = frozenset({"GET", "HEAD"})
 # Public paths whose top-level list fields compare as multisets; see the module docstring.
@@ -104,7 +104,7 @@ class ShadowSource:
     # The target that served the client.
     target: str
     query: bytes
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,13 +194,13 @@ class ShadowReads:
     ) -> None:
         shadow_id = source.request_id[: MAX_REQUEST_ID_LENGTH - len(REQUEST_ID_SUFFIX)]
         shadow_id += REQUEST_ID_SUFFIX
-        headers = [(name, value) for name, value in source.headers if name != "x-request-id"]
-        headers += [("x-request-id", shadow_id), (SHADOW_HEADER, "1")]
+        headers = [(name, value) for name, value in source.headers if name != b"x-request-id"]
+        headers += [(b"x-request-id", shadow_id.encode("latin-1")), (SHADOW_HEADER, b"1")]
         try:
             primary = Answer(capture.status, _decoded(capture.body, capture.content_encoding))
             async with asyncio.timeout(self.timeout_seconds):
                 shadow = await self._call(target, source, path, headers)
-        except (ShadowError, UpstreamError, aiohttp.ClientError, TimeoutError) as error:
+        except (ShadowError, UpstreamError, UpstreamFailure, TimeoutError) as error:
             self._count("error")
             self._log("shadow read failed", source, target, error=repr(error))
             return
@@ -231,21 +231,18 @@ class ShadowReads:
         self._log("shadow read mismatch", source, target, diff=difference)
 
     async def _call(
-        self, target: str, source: ShadowSource, path: str, headers: list[tuple[str, str]]
+        self, target: str, source: ShadowSource, path: str, headers: list[tuple[bytes, bytes]]
     ) -> Answer:
         response = await self.upstreams.send(
             target, source.method, path, source.query, headers, None
         )
         async with response:
-            body = bytearray()
-            async for chunk in response.content.iter_any():
-                body += chunk
-                if len(body) > self.max_body_bytes:
-                    raise ShadowError(
-                        f"the {target} body is larger than {self.max_body_bytes} bytes"
-                    )
-            encoding = response.headers.get("content-encoding", "")
-        return Answer(response.status, _decoded(bytes(body), encoding))
+            try:
+                body = await response.read(self.max_body_bytes)
+            except ValueError as error:
+                raise ShadowError(f"the {target} {error}") from error
+            encoding = response.header(b"content-encoding")
+        return Answer(response.status, _decoded(body, encoding))
 
     def _count(self, result: str) -> None:
         self.counts[result] += 1
