@@ -20,7 +20,7 @@ import uvicorn
 from aiohttp import web
 from multidict import CIMultiDict
 
-from services.router.app import RouterApp, create_app
+from services.router.app import HTTP_PROTOCOL, RouterApp, create_app
 from services.router.settings import Settings
 from services.shared.security import StaticKeySource
 from tests.conftest import TEST_ISSUER, SigningKey, free_port
@@ -101,13 +101,13 @@ async def cqrs() -> AsyncIterator[StandIn]:
 async def serve(app: RouterApp) -> AsyncIterator[str]:
     """Run the router with uvicorn on a free loopback port and return its base URL.
 
-    `proxy_headers=False` as in production: the router is the public entry, so uvicorn must not
-    take the client address from a client-sent X-Forwarded-For.
+    `proxy_headers=False` and the router's own HTTP protocol, as in production: the router is the
+    public entry, so uvicorn must not take the client address from a client-sent X-Forwarded-For.
     """
     port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", ws="none",
-        proxy_headers=False,
+        proxy_headers=False, http=HTTP_PROTOCOL,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

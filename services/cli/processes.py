@@ -74,7 +74,8 @@ def serve(name: str) -> None:
     spec = SERVICES[name]
     settings = load_settings(spec.package)
     configure_logging(name, settings.log_level)
-    app = importlib.import_module(f"{spec.package}.app").create_app(settings)
+    app_module = importlib.import_module(f"{spec.package}.app")
+    app = app_module.create_app(settings)
     # Services with a `processes` setting (the router) may run several uvicorn worker processes
     # on one socket; each builds its own app from the environment through `router_app`.
     processes = int(getattr(settings, "processes", 1))
@@ -102,7 +103,9 @@ def serve(name: str) -> None:
             # asyncio's loop or to h11, whose handling of ambiguous request framing differs (the
             # router rejects it under both). uvloop and httptools come with uvicorn[standard].
             loop="uvloop",
-            http="httptools",
+            # A service may name its own subclass of uvicorn's httptools protocol (the router's
+            # coalesces writes).
+            http=getattr(app_module, "HTTP_PROTOCOL", "httptools"),
             server_header=False,
         )
     finally:

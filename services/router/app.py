@@ -67,12 +67,16 @@ from .proxy import (
 from .reloader import LoadedRules, RulesReloader
 from .routes import CQRS, upstream_route
 from .rules import SAFE_METHODS, TARGETS, Decision, RequestFacts
+from .server_protocol import CoalescingHttpToolsProtocol
 from .settings import Settings
 from .shadow import Capture, ShadowReads, ShadowSource
 from .tokens import CachingVerifier
 from .upstream_client import UpstreamFailure, UpstreamResponse
 
 log = logging.getLogger(__name__)
+
+# The uvicorn protocol class `ztcqrs serve router` runs the app with.
+HTTP_PROTOCOL = CoalescingHttpToolsProtocol
 
 REQUESTS = Counter(
     "ztcqrs_router_requests_total",
