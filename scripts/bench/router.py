@@ -84,7 +84,8 @@ local pause = tonumber(os.getenv("BENCH_PAUSE_MS") or "0")
 local seeded = false
 function delay()
   if not seeded then math.randomseed(os.time() + thread_number); seeded = true end
-  return math.random(0, 2 * pause)
+  -- wrk takes whole milliseconds; rounding a uniform draw keeps a fractional mean.
+  return math.floor(math.random() * 2 * pause + 0.5)
 end
 """
 
@@ -159,11 +160,23 @@ class Wrk:
     def run(
         self, url: str, *, mode: str, seconds: float, rate: float | None = None
     ) -> WrkResult:
-        """Run wrk against `url`; with `rate`, each connection pauses so the total is about it."""
+        """Run wrk against `url`; with `rate`, each connection pauses so the total is about it.
+
+        A connection sends its next request only after the answer and the pause, so a first
+        one-second run measures how long the answers add, and the pause is shortened by that.
+        """
+        if rate is None:
+            return self._run(url, mode, seconds, None)
+        pause = WRK_CONNECTIONS * 1000 / rate
+        trial = self._run(url, mode, 1, pause)
+        answer_ms = WRK_CONNECTIONS * 1000 / max(trial.requests_per_second, 1.0) - pause
+        return self._run(url, mode, seconds, max(0.0, pause - max(0.0, answer_ms)))
+
+    def _run(self, url: str, mode: str, seconds: float, pause_ms: float | None) -> WrkResult:
         env = dict(os.environ)
         script = self.script
-        if rate is not None:
-            env["BENCH_PAUSE_MS"] = str(max(1, round(WRK_CONNECTIONS * 1000 / rate)))
+        if pause_ms is not None:
+            env["BENCH_PAUSE_MS"] = f"{pause_ms:.3f}"
             script = self.paced_script
         command = [
             shutil.which("wrk") or "wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}",
