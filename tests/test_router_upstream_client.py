@@ -1,9 +1,9 @@
 """The router's upstream HTTP client against scripted HTTP servers on loopback.
 
-Each server is a real asyncio TCP server that reads the client's request and answers with bytes
-written out by the test, so the framing cases that well-behaved servers never produce (a body
-that breaks off, an interim response, a body ended by closing, a connection closed while a
-request was on its way) are sent for real. Every case runs on asyncio's loop and on uvloop's,
+Each server is a real asyncio TCP server that reads the client's request and writes the response
+bytes the test scripts. So the framing cases that well-behaved servers never produce are sent for
+real: a body that breaks off, an interim response, a body ended by closing, and a connection
+closed while a request was on its way. Every case runs on asyncio's loop and on uvloop's,
 which the router uses; the two call `connection_made` at different times.
 """
 
@@ -34,7 +34,7 @@ Script = Callable[[int, int, asyncio.StreamWriter], Awaitable[bool]]
 
 @dataclass
 class Scripted:
-    """A loopback server that answers each request with `script` and records what it got."""
+    """A loopback server that runs `script` for each request and records the requests."""
 
     script: Script
     requests: list[bytes] = field(default_factory=list)
@@ -322,6 +322,46 @@ def test_closed_kept_alive_connection(loop: str) -> None:
                 await call(pool, "POST", b"{}")
             assert failure.value.kind == "protocol"
             assert server.connections == 2
+            pool.close()
+
+    run(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_bytes_after_response_ignored(loop: str) -> None:
+    """A second response to one request neither changes the first nor leaves the connection open."""
+
+    async def scenario() -> None:
+        second = b"HTTP/1.1 500 Injected\r\nX-Injected: 1\r\nContent-Length: 0\r\n\r\n"
+        async with scripted(answer(OK + second)) as server:
+            pool = new_pool(server.url)
+            response = await call(pool)
+            assert response.status == 200
+            assert response.header(b"x-injected") == ""
+            assert (await whole(response))[1] == b"ok"
+            await whole(await call(pool))
+            assert server.connections == 2
+            pool.close()
+
+    run(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_timeout_not_sent_again(loop: str) -> None:
+    async def script(connection: int, number: int, writer: asyncio.StreamWriter) -> bool:
+        if number == 1:
+            await asyncio.sleep(1)  # slower than the read timeout
+        writer.write(OK)
+        return True
+
+    async def scenario() -> None:
+        async with scripted(script) as server:
+            pool = new_pool(server.url, read_timeout=0.3)
+            await whole(await call(pool))
+            with pytest.raises(UpstreamFailure) as failure:
+                await call(pool)
+            assert failure.value.kind == "timeout"
+            assert len(server.requests) == 2
             pool.close()
 
     run(loop, scenario)

@@ -1,15 +1,15 @@
 """The router's HTTP/1.1 client for its upstreams, on asyncio protocols and httptools' parser.
 
-The router sends one request per connection at a time to a known upstream and relays the answer,
-so it needs little of a general HTTP client: no redirects, cookies, proxies, decompression or
-retries beyond one. What it needs is speed, because every forwarded request pays for it. Written
-on `asyncio.Protocol` with httptools (llhttp, the parser uvicorn and Node.js use), a call is one
-write(2) of the request and the parser's callbacks on what arrives; under the benchmark this took
-about a third of the CPU that aiohttp's client took (see docs/benchmarks.md).
+The router sends one request per connection at a time to a known upstream and relays the
+response. It needs no redirects, cookies, proxies or decompression, and at most one resend, but
+every forwarded request pays for the client's speed. This client writes each request with one
+write(2) and parses the response in httptools' callbacks (llhttp, the parser uvicorn and Node.js
+use). In py-spy profiles under `make bench` its CPU time per request was about a quarter of
+aiohttp's client (docs/benchmarks.md).
 
 The contract with the router:
 
-- `UpstreamPool.request` returns once the response's status line and headers have arrived, and
+- `OriginPool.request` returns once the response's status line and headers have arrived, and
   raises `UpstreamFailure` (kind `connect`, `timeout` or `protocol`) when they do not.
 - `UpstreamResponse.chunks` yields the body as it arrives, each chunk with whether it is the
   last; it raises `UpstreamFailure` when the body breaks off.
@@ -30,10 +30,10 @@ import httptools
 
 log = logging.getLogger(__name__)
 
-# Methods that may be sent again when a kept-alive connection turns out to be closed before any
-# byte of the response arrived: the upstream did not act on them, or acting twice is harmless.
+# Methods sent again when the upstream closed a kept-alive connection before any byte of the
+# response arrived. The upstream did not act on the request, and these methods are safe to repeat.
 _RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# Methods whose requests carry a body by definition; without one they get `Content-Length: 0`.
+# Methods whose requests carry a body by definition, so without one they get `Content-Length: 0`.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Largest status line and header section accepted from an upstream, in bytes.
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
@@ -153,6 +153,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        # The upstream closed the connection while a request was out and before any byte of its
+        # response arrived, so it did not answer that request.
+        self.lost_before_response = False
         self.idle_since = 0.0
         # The exchange in progress.
         self._response: UpstreamResponse | None = None
@@ -194,6 +197,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_before_response = self._response is not None and not self._received_any
         response = self._response
         if response is None or response._complete:
             return
@@ -213,6 +217,8 @@ class UpstreamConnection(asyncio.Protocol):
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._after_response():
+            return
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
             raise UpstreamFailure(
@@ -222,6 +228,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._response.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._after_response():
+            return
         response = self._response
         assert response is not None
         status = self._parser.get_status_code()
@@ -244,7 +252,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         response = self._response
-        if response is None or response._complete:
+        if response is None or self._after_response():
             return
         response._body.append(body)
         self._buffered += len(body)
@@ -255,9 +263,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         response = self._response
-        if response is None or response.status == 0 or response._complete:
-            return  # the end of an interim response, or of a HEAD response's head
+        if response is None or response.status == 0 or self._after_response():
+            return  # the end of an interim response, or bytes after the response
         self._complete_body(reusable=self._parser.should_keep_alive())
+
+    def _after_response(self) -> bool:
+        """Return True for parser events after the response ended, and stop reusing the connection.
+
+        One request gets one response, so anything after it (a body sent for a HEAD request, a
+        second response) must not change the response already returned.
+        """
+        response = self._response
+        if response is None or not response._complete:
+            return False
+        self._reusable = False
+        return True
 
     # The exchange
 
@@ -270,6 +290,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._head_bytes = 0
         self._received_any = False
+        self.lost_before_response = False
         self._eof_ends_body = False
         self._head_request = head_request
         self._buffered = 0
@@ -332,10 +353,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-
-    @property
-    def received_any(self) -> bool:
-        return self._received_any
 
     def _complete_body(self, reusable: bool = True) -> None:
         response = self._response
@@ -401,9 +418,10 @@ class OriginPool:
             return await connection.exchange(request, head_request)
         except UpstreamFailure as failure:
             connection.finish(reusable=False)
-            if not (reused and not connection.received_any and method in _RETRYABLE_METHODS):
+            if not (reused and connection.lost_before_response and method in _RETRYABLE_METHODS):
                 raise
-            # The kept-alive connection was closed by the upstream as the request went out.
+            # The upstream closed the kept-alive connection as the request went out. A timeout is
+            # not sent again: the upstream may still be working on the request.
             log.info(
                 "kept-alive upstream connection was closed; sending again on a new one",
                 extra={"upstream": self.origin.authority.decode(), "error": str(failure)},
