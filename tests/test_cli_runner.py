@@ -1,6 +1,8 @@
 """The local runner: port checks and settings, without starting the platform."""
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,23 @@ def test_worker_metrics_port_shared_with_a_service_rejected(tmp_path: Path) -> N
     config.worker_metrics_ports = {"cdc-relay": config.ports["cqrs"]}
     with pytest.raises(StartupError, match=r"cqrs \(CQRS_PORT\) and cdc-relay metrics"):
         LocalPlatform(config).check_ports()
+
+
+def test_startup_objects_frozen() -> None:
+    """A service's modules and app leave the collector's generations once it is built."""
+    script = (
+        "import gc\n"
+        "from services.cli.processes import freeze_startup_objects\n"
+        "import services.monolith.app\n"
+        "before = gc.get_freeze_count()\n"
+        "freeze_startup_objects()\n"
+        "print(before, gc.get_freeze_count(), sum(gc.get_count()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    before, frozen, tracked = (int(value) for value in result.stdout.split())
+
+    assert before == 0
+    assert frozen > 10_000
+    assert tracked < 100

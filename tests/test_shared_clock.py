@@ -30,5 +30,5 @@ def test_round_trip() -> None:
     ],
 )
 def test_other_formats_rejected(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not a UTC timestamp"):
         parse_timestamp(text)

@@ -1,6 +1,7 @@
 """Every process the platform runs, by name, and how to start one in the current interpreter."""
 
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -76,6 +77,7 @@ def serve(name: str) -> None:
     configure_logging(name, settings.log_level)
     app_module = importlib.import_module(f"{spec.package}.app")
     app = app_module.create_app(settings)
+    freeze_startup_objects()
     # Services with a `processes` setting (the router) may run several uvicorn worker processes
     # on one socket; each builds its own app from the environment through `router_app`.
     processes = int(getattr(settings, "processes", 1))
@@ -112,6 +114,18 @@ def serve(name: str) -> None:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("service stopped")
+
+
+def freeze_startup_objects() -> None:
+    """Move everything built so far out of the garbage collector's reach.
+
+    The imported modules and the app live as long as the process. Left in the collector's
+    generations, they made each full collection take about 30 ms for the 100,000 objects of a
+    service (measured on a 2-vCPU VM, Python 3.11), which stalled every request and event in
+    flight and set the tail latency of the sync path.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _share_metrics_between_processes() -> str:
@@ -181,6 +195,7 @@ def run_worker(name: str) -> None:
     configure_logging(name, settings.log_level)
     module = importlib.import_module(spec.module)
     serve_worker_metrics(spec, settings)
+    freeze_startup_objects()
 
     async def main() -> None:
         stop = asyncio.Event()

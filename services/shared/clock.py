@@ -24,8 +24,10 @@ def format_epoch(seconds: float) -> str:
 
 def parse_timestamp(text: str) -> datetime:
     """Parse a timestamp that `format_timestamp` wrote; raise ValueError for any other text."""
+    problem = f"{text[:64]!r} is not a UTC timestamp such as 2026-01-31T12:00:00.000000Z"
     if not _TIMESTAMP.fullmatch(text):
-        raise ValueError(
-            f"{text[:64]!r} is not a UTC timestamp such as 2026-01-31T12:00:00.000000Z"
-        )
-    return datetime.fromisoformat(text)
+        raise ValueError(problem)
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as error:  # a date or time out of range, such as month 13
+        raise ValueError(f"{problem}: {error}") from error
