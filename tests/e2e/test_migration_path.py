@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import yaml
 
+from services.shared.clock import parse_timestamp
+
 from .conftest import LocalStack, Platform, wait_for
 
 ORDER_KEYS = {
@@ -216,13 +218,18 @@ def test_rules_reload_changes_routing(platform: Platform, bob: dict[str, str]) -
             what="bob to move to the CQRS side after the percentage change",
         )
 
-        # last_error keeps the latest failure, so a new one shows as a new time.
-        failed_before = gray_status()["last_error_at"]
+        # last_error keeps each process's latest failure, so a new one shows as a later time.
+        written_at = time.time()
         replace_rules(rules_file, "rules: [this is not a rule\n")
-        wait_for(
-            lambda: gray_status()["last_error_at"] != failed_before,
-            what="the router to reject the bad rules",
-        )
+
+        def rejected_by_every_process() -> bool:
+            for _ in range(ROUTER_AGREEMENT_REQUESTS):
+                failed_at = gray_status()["last_error_at"]
+                if failed_at is None or parse_timestamp(failed_at).timestamp() < written_at:
+                    return False
+            return True
+
+        wait_for(rejected_by_every_process, what="every router process to reject the bad rules")
         response = create_order(platform, bob)
         assert response.headers["X-Gray-Target"] == "cqrs"
         assert response.headers["X-Gray-Rule"] == "canary"
