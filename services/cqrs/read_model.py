@@ -222,12 +222,13 @@ async def stage_state(
         try:
             async with client.pipeline(transaction=True) as pipe:
                 await pipe.watch(key)
-                decision = _decide(await _read_stored(pipe, key), change, authority, staging=True)
+                stored = await _read_stored(pipe, key)
+                decision = _decide(stored, change, authority, staging=True)
                 if not decision.applies:
                     await pipe.unwatch()  # type: ignore[no-untyped-call]
                     return decision
                 pipe.multi()  # type: ignore[no-untyped-call]
-                _queue_change(pipe, change, prefix, staging=True)
+                _queue_change(pipe, change, prefix, staging=True, stored=stored)
                 await pipe.execute()
             return decision
         except WatchError:
@@ -291,22 +292,23 @@ async def _project_once(client: "redis.Redis", change: _Change, authority: str) 
     async with client.pipeline(transaction=True) as pipe:
         await pipe.watch(live_key, READ_MODEL_REBUILD_KEY)
         staging = await pipe.get(READ_MODEL_REBUILD_KEY)
-        decision = _decide(await _read_stored(pipe, live_key), change, authority)
+        live_stored = await _read_stored(pipe, live_key)
+        decision = _decide(live_stored, change, authority)
         staging_decision = Decision.STALE
+        staging_stored = _Stored(version=None, hash=None, tombstone=False)
         if staging is not None:
             staging_key = state_key(change.aggregate, change.state["id"], str(staging))
             await pipe.watch(staging_key)
-            staging_decision = _decide(
-                await _read_stored(pipe, staging_key), change, authority, staging=True
-            )
+            staging_stored = await _read_stored(pipe, staging_key)
+            staging_decision = _decide(staging_stored, change, authority, staging=True)
         if not decision.applies and not staging_decision.applies:
             await pipe.unwatch()  # type: ignore[no-untyped-call]
             return decision
         pipe.multi()  # type: ignore[no-untyped-call]
         if decision.applies:
-            _queue_change(pipe, change, READ_MODEL_PREFIX, staging=False)
+            _queue_change(pipe, change, READ_MODEL_PREFIX, staging=False, stored=live_stored)
         if staging_decision.applies:
-            _queue_change(pipe, change, str(staging), staging=True)
+            _queue_change(pipe, change, str(staging), staging=True, stored=staging_stored)
         await pipe.execute()
     return decision
 
@@ -332,25 +334,26 @@ async def _project_batch_once(
 
         # Decide in order, as if each earlier write of the batch were already stored.
         decisions: list[Decision] = []
-        writes: list[tuple[_Change, str, bool]] = []  # change, prefix, staging
+        # change, prefix, staging, and what is stored before the write
+        writes: list[tuple[_Change, str, bool, _Stored]] = []
         for index, change in enumerate(changes):
             key = live_keys[index]
             decision = _decide(live_stored[key], change, authority)
             decisions.append(decision)
             if decision.applies:
-                writes.append((change, READ_MODEL_PREFIX, False))
+                writes.append((change, READ_MODEL_PREFIX, False, live_stored[key]))
                 live_stored[key] = _stored_after(change, staging=False)
             if staging is not None:
                 key = staging_keys[index]
                 if _decide(staging_stored[key], change, authority, staging=True).applies:
-                    writes.append((change, staging, True))
+                    writes.append((change, staging, True, staging_stored[key]))
                     staging_stored[key] = _stored_after(change, staging=True)
         if not writes:
             await pipe.unwatch()  # type: ignore[no-untyped-call]
             return decisions
         pipe.multi()  # type: ignore[no-untyped-call]
-        for change, prefix, is_staging in writes:
-            _queue_change(pipe, change, prefix, staging=is_staging)
+        for change, prefix, is_staging, stored in writes:
+            _queue_change(pipe, change, prefix, staging=is_staging, stored=stored)
         await pipe.execute()
     return decisions
 
@@ -387,16 +390,18 @@ def _stored_after(change: _Change, *, staging: bool) -> _Stored:
     return _Stored(version=version, hash=content_hash(change.state), tombstone=False)
 
 
-def _queue_change(pipe: Any, change: _Change, prefix: str, *, staging: bool) -> None:
+def _queue_change(
+    pipe: Any, change: _Change, prefix: str, *, staging: bool, stored: _Stored
+) -> None:
+    """Queue the writes of `change` over `stored`, what the key holds now."""
     state = change.state
     key = state_key(change.aggregate, state["id"], prefix)
     index_key = (
         user_orders_key(state["user_id"], prefix) if change.aggregate == ORDER
         else products_index_key(prefix)
     )
-    # Replacing the whole hash also drops a tombstone's `deleted` field.
-    pipe.delete(key)
     if change.deleted:
+        pipe.delete(key)
         # NOTE: the live model keeps no tombstone, so an older event of the same aggregate that is
         # projected after the deletion creates the entry again.
         if staging:
@@ -406,6 +411,10 @@ def _queue_change(pipe: Any, change: _Change, prefix: str, *, staging: bool) -> 
         else:
             pipe.srem(index_key, state["id"])
         return
+    if stored.tombstone:
+        # The HSET below sets the fields every state has, so only a tombstone's `deleted` field
+        # would outlive it.
+        pipe.delete(key)
     encoded = json.dumps(state, sort_keys=True, separators=(",", ":"))
     pipe.hset(
         key, mapping={"json": encoded, "version": state["version"], "hash": content_hash(state)}
