@@ -12,7 +12,7 @@ from services.cqrs.commands import create_order, transition_order
 from services.cqrs.schema import conflicts, open_write_model, outbox, products
 from services.cqrs.settings import Settings
 from services.cqrs.workers import cdc_ingest
-from services.cqrs.write_model import apply_event, load_order, load_product
+from services.cqrs.write_model import apply_event, apply_events, load_order, load_product
 from services.shared.consistency import Decision
 from services.shared.domain import DEMO_PRODUCTS, OrderCreate
 from services.shared.events import Event
@@ -84,6 +84,36 @@ def test_apply_event_decisions(engine: Engine) -> None:
     assert product["version"] == 3
     assert product["price"] == 8800
     assert count(engine, conflicts) == 2
+
+
+def test_apply_events_batch_decisions(engine: Engine) -> None:
+    """In one batch each event sees the writes of the events before it, as one by one."""
+    mouse = DEMO_PRODUCTS[1]
+    apply_event(engine, product_event(mouse, version=4), authority="monolith")
+    version_three = product_event(KEYBOARD, version=3, price=9900)
+    batch = [
+        product_event(KEYBOARD, version=1),
+        version_three,
+        product_event(mouse, version=3, price=1),
+        product_event(KEYBOARD, version=2, price=9500),
+        version_three,
+        product_event(mouse, version=5, price=2),
+        product_event(KEYBOARD, version=3, price=8800),
+    ]
+
+    decisions = apply_events(engine, batch, authority="monolith")
+
+    assert decisions == [
+        Decision.APPLY, Decision.APPLY, Decision.STALE, Decision.STALE, Decision.DUPLICATE,
+        Decision.APPLY, Decision.CONFLICT_APPLY,
+    ]
+    keyboard = load_product(engine, KEYBOARD["id"])
+    assert keyboard is not None
+    assert (keyboard["version"], keyboard["price"]) == (3, 8800)
+    stored_mouse = load_product(engine, mouse["id"])
+    assert stored_mouse is not None
+    assert (stored_mouse["version"], stored_mouse["price"]) == (5, 2)
+    assert count(engine, conflicts) == 1
 
 
 async def test_ingest_applies_by_version(settings: Settings, engine: Engine) -> None:

@@ -66,6 +66,12 @@ def _select_statement(aggregate: str) -> Select[Any]:
 
 
 @functools.cache
+def _select_many_statement(aggregate: str) -> Select[Any]:
+    table = AGGREGATE_TABLES[aggregate]
+    return select(table).where(table.c.id.in_(bindparam("aggregate_ids", expanding=True)))
+
+
+@functools.cache
 def _upsert_statement(aggregate: str) -> Insert:
     table = AGGREGATE_TABLES[aggregate]
     statement = sqlite_insert(table)
@@ -117,17 +123,55 @@ def apply_events(engine: Engine, events: Sequence[Event], *, authority: str) -> 
     batch is applied.
     """
     with engine.begin() as connection:
-        decisions = [_apply_in(connection, event, authority) for event in events]
+        preloaded = _load_states(connection, events)
+        decisions = [_apply_in(connection, event, authority, preloaded) for event in events]
     for decision in decisions:
         if decision.conflict:
             SYNC_CONFLICTS.labels("cqrs-write", decision.value).inc()
     return decisions
 
 
-def _apply_in(connection: Connection, event: Event, authority: str) -> Decision:
+# Ids per SELECT when a batch's stored states are read together, well below SQLite's limit of
+# 32,766 bound parameters (SQLite 3.32 and later).
+_LOAD_CHUNK = 500
+_Preloaded = dict[tuple[str, str], dict[str, Any] | None]
+
+
+def _load_states(connection: Connection, events: Sequence[Event]) -> _Preloaded:
+    """Return the stored state (None when there is none) of each entity the events are about.
+
+    One SELECT per aggregate and chunk replaces one per event. Events of an unknown aggregate
+    are left out, so `_apply_in` reports them as before.
+    """
+    wanted: dict[str, dict[str, None]] = {}
+    for event in events:
+        if event.aggregate in AGGREGATE_TABLES:
+            wanted.setdefault(event.aggregate, {})[event.aggregate_id] = None
+    preloaded: _Preloaded = {}
+    for aggregate, ids in wanted.items():
+        unique = list(ids)
+        for start in range(0, len(unique), _LOAD_CHUNK):
+            chunk = unique[start:start + _LOAD_CHUNK]
+            rows = connection.execute(_select_many_statement(aggregate), {"aggregate_ids": chunk})
+            for row in rows:
+                preloaded[(aggregate, row.id)] = row_to_state(aggregate, row)
+        for aggregate_id in unique:
+            preloaded.setdefault((aggregate, aggregate_id), None)
+    return preloaded
+
+
+def _apply_in(
+    connection: Connection, event: Event, authority: str, preloaded: _Preloaded
+) -> Decision:
     state = event_state(event)
     aggregate = event.aggregate
-    local = load_state(connection, aggregate, event.aggregate_id)
+    # Each preloaded state serves the first event of its entity only, because the event's own
+    # write changes it; a later event of the same entity in the batch reads the table again.
+    key = (aggregate, event.aggregate_id)
+    if key in preloaded:
+        local = preloaded.pop(key)
+    else:
+        local = load_state(connection, aggregate, event.aggregate_id)
     if event.deleted:
         return _apply_deletion(connection, AGGREGATE_TABLES[aggregate], state, local)
     decision = decide(
