@@ -87,7 +87,7 @@ def test_apply_event_decisions(engine: Engine) -> None:
 
 
 def test_apply_events_batch_decisions(engine: Engine) -> None:
-    """In one batch each event sees the writes of the events before it, as one by one."""
+    """In one batch each event is decided against the writes of the events before it."""
     mouse = DEMO_PRODUCTS[1]
     apply_event(engine, product_event(mouse, version=4), authority="monolith")
     version_three = product_event(KEYBOARD, version=3, price=9900)

@@ -162,8 +162,8 @@ class Wrk:
     ) -> WrkResult:
         """Run wrk against `url`; with `rate`, each connection pauses so the total is about it.
 
-        A connection sends its next request only after the answer and the pause, so a first
-        one-second run measures how long the answers add, and the pause is shortened by that.
+        A connection sends its next request only after the response and the pause. So a first
+        one-second run measures how long the responses add, and the pause is shortened by that.
         """
         if rate is None:
             return self._run(url, mode, seconds, None)

@@ -393,7 +393,7 @@ def _stored_after(change: _Change, *, staging: bool) -> _Stored:
 def _queue_change(
     pipe: Any, change: _Change, prefix: str, *, staging: bool, stored: _Stored
 ) -> None:
-    """Queue the writes of `change` over `stored`, what the key holds now."""
+    """Queue the writes of `change`; `stored` is the key's current version and tombstone."""
     state = change.state
     key = state_key(change.aggregate, state["id"], prefix)
     index_key = (

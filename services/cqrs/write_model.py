@@ -165,8 +165,8 @@ def _apply_in(
 ) -> Decision:
     state = event_state(event)
     aggregate = event.aggregate
-    # Each preloaded state serves the first event of its entity only, because the event's own
-    # write changes it; a later event of the same entity in the batch reads the table again.
+    # A preloaded state serves only the first event of its entity, because that event's write may
+    # change it. A later event of the same entity in the batch reads the table again.
     key = (aggregate, event.aggregate_id)
     if key in preloaded:
         local = preloaded.pop(key)

@@ -75,7 +75,7 @@ from .upstream_client import UpstreamFailure, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-# The uvicorn protocol class `ztcqrs serve router` runs the app with.
+# The uvicorn HTTP protocol class that `ztcqrs serve router` runs the app on.
 HTTP_PROTOCOL = CoalescingHttpToolsProtocol
 
 REQUESTS = Counter(

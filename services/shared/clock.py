@@ -3,8 +3,8 @@
 import re
 from datetime import UTC, datetime
 
-# `format_timestamp`'s output. Checked before datetime.fromisoformat, which accepts other ISO
-# forms too; the pair costs about a tenth of strptime, and the relays parse one per row.
+# `format_timestamp`'s output. It is checked before datetime.fromisoformat, which accepts other
+# ISO forms too. The pair costs about a tenth of strptime, and the relays parse one per row.
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 
 
