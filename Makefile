@@ -118,8 +118,8 @@ chaos: install
 		$(BIN)/pytest -s -p no:cacheprovider tests/chaos/test_chaos.py $(PYTEST_ARGS)
 
 ## bench: router throughput against nginx, sync lag and memory; prints the table and writes
-## docs/benchmarks.md (about 10 minutes; BENCH_QUICK=1 for about 2). Installs nginx and wrk with
-## apt-get when missing.
+## docs/benchmarks.md (about 10 minutes). BENCH_QUICK=1 takes about 3 minutes and only prints.
+## Installs nginx and wrk with apt-get when missing and run as root.
 bench: install
 	$(BIN)/python -m scripts.bench
 

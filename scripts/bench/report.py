@@ -39,8 +39,9 @@ def write_report(
     block = [
         START,
         f"Command: `{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{duration / 60:.1f} minutes. Each figure is the median of {RUNS} runs, with the "
-        "smallest and largest run in brackets.",
+        f"{duration / 60:.1f} minutes. Each throughput, latency and lag figure is the median of "
+        f"{RUNS} runs, with the smallest and largest run in brackets. Each memory figure is one "
+        "reading of the largest resident set of the named process tree.",
         "",
         "| machine | |",
         "|---|---|",
@@ -56,6 +57,10 @@ def write_report(
     print("\n".join(table(figures)))
     print(f"\ntargets: {len(held)} hold, {len(failed)} do not"
           + "".join(f"\n  does not hold: {figure.name}" for figure in failed))
+    if QUICK:
+        # A quick run is a first look; the page keeps the full run it describes.
+        print(f"quick run: {REPORT.relative_to(ROOT)} left unchanged; `make bench` records a run")
+        return
     text = REPORT.read_text() if REPORT.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
     if START not in text or END not in text:
         sys.exit(f"{REPORT} lacks the markers {START!r} and {END!r}; put them back around "
