@@ -139,7 +139,7 @@ def test_startup_objects_frozen() -> None:
     """A service's modules and app leave the collector's generations once it is built."""
     script = (
         "import gc\n"
-        "from services.cli.processes import freeze_startup_objects\n"
+        "from services.shared.garbage_collection import freeze_startup_objects\n"
         "import services.monolith.app\n"
         "before = gc.get_freeze_count()\n"
         "freeze_startup_objects()\n"

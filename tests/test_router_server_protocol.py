@@ -1,7 +1,7 @@
 """The router's write-coalescing transport, on a real loopback TCP connection.
 
-The peer is a real socket; `Counting` wraps the real transport only to count the write calls
-that reach it, which is what the coalescing is for.
+The peer is a real socket. `Counting` wraps the real transport only to count the write calls
+that reach it, because the number of those calls is what the coalescing changes.
 """
 
 import asyncio

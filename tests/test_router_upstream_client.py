@@ -308,7 +308,7 @@ def test_closed_kept_alive_connection(loop: str) -> None:
 
     async def script(connection: int, number: int, writer: asyncio.StreamWriter) -> bool:
         if number == 1:
-            return False  # closes as the second request arrives, without answering
+            return False  # closes as the second request arrives, without a response
         writer.write(OK)
         return True
 

@@ -12,13 +12,13 @@ from services.shared import database
 from services.shared.database import BUSY_TIMEOUT_MS, begin_immediate, create_sqlite_engine
 
 
-def holder(path: Path, seconds: float, taken: threading.Event) -> threading.Thread:
+def holder(path: Path, seconds: float, lock_taken: threading.Event) -> threading.Thread:
     """Start a thread that holds the write lock of `path` for `seconds`."""
 
     def hold() -> None:
         connection = sqlite3.connect(path, isolation_level=None)
         connection.execute("BEGIN IMMEDIATE")
-        taken.set()
+        lock_taken.set()
         time.sleep(seconds)
         connection.execute("COMMIT")
         connection.close()
@@ -40,9 +40,9 @@ def new_database(tmp_path: Path) -> Path:
 def test_write_waits_for_lock(tmp_path: Path) -> None:
     path = new_database(tmp_path)
     engine = create_sqlite_engine(path)
-    taken = threading.Event()
-    thread = holder(path, 0.2, taken)
-    taken.wait(5)
+    lock_taken = threading.Event()
+    thread = holder(path, 0.2, lock_taken)
+    lock_taken.wait(5)
 
     started = time.monotonic()
     with engine.begin() as connection:
@@ -60,9 +60,9 @@ def test_write_waits_for_lock(tmp_path: Path) -> None:
 def test_lock_wait_has_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(database, "BUSY_TIMEOUT_MS", 100)
     path = new_database(tmp_path)
-    taken = threading.Event()
-    thread = holder(path, 1.0, taken)
-    taken.wait(5)
+    lock_taken = threading.Event()
+    thread = holder(path, 1.0, lock_taken)
+    lock_taken.wait(5)
     connection = sqlite3.connect(path, isolation_level=None)
 
     started = time.monotonic()

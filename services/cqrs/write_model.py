@@ -143,12 +143,12 @@ def _load_states(connection: Connection, events: Sequence[Event]) -> _Preloaded:
     One SELECT per aggregate and chunk replaces one per event. Events of an unknown aggregate
     are left out, so `_apply_in` reports them as before.
     """
-    wanted: dict[str, dict[str, None]] = {}
+    ids_by_aggregate: dict[str, dict[str, None]] = {}  # a dict keeps first-seen order, unique
     for event in events:
         if event.aggregate in AGGREGATE_TABLES:
-            wanted.setdefault(event.aggregate, {})[event.aggregate_id] = None
+            ids_by_aggregate.setdefault(event.aggregate, {})[event.aggregate_id] = None
     preloaded: _Preloaded = {}
-    for aggregate, ids in wanted.items():
+    for aggregate, ids in ids_by_aggregate.items():
         unique = list(ids)
         for start in range(0, len(unique), _LOAD_CHUNK):
             chunk = unique[start:start + _LOAD_CHUNK]

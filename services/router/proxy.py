@@ -352,7 +352,7 @@ def upstream_error(target: str, failure: UpstreamFailure) -> UpstreamError:
     """Return the router's error for a failed upstream call, with a message for the client."""
     if failure.kind == "timeout":
         return UpstreamError(
-            "timeout", 504, f"The {target} service did not answer in time; retry shortly.",
+            "timeout", 504, f"The {target} service did not respond in time; retry shortly.",
             f"{target} timed out: {failure}",
         )
     if failure.kind == "connect":

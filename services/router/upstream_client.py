@@ -14,7 +14,7 @@ The contract with the router:
 - `UpstreamResponse.chunks` yields the body as it arrives, each chunk with whether it is the
   last; it raises `UpstreamFailure` when the body breaks off.
 - `UpstreamResponse.release` hands the connection back for reuse only when the whole response
-  was read and both sides keep the connection alive; otherwise it closes the connection.
+  was read and both sides keep the connection alive. Otherwise it closes the connection.
 """
 
 import asyncio
@@ -31,7 +31,7 @@ import httptools
 log = logging.getLogger(__name__)
 
 # Methods sent again when the upstream closed a kept-alive connection before any byte of the
-# response arrived. The upstream did not act on the request, and these methods are safe to repeat.
+# response arrived. These methods are safe to repeat even if the upstream did act on the request.
 _RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Methods whose requests carry a body by definition, so without one they get `Content-Length: 0`.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -51,7 +51,7 @@ class UpstreamFailure(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Where an upstream listens, parsed once from its base URL."""
+    """Host, port and scheme of an upstream, parsed once from its base URL."""
 
     host: str
     port: int
@@ -154,7 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         # The upstream closed the connection while a request was out and before any byte of its
-        # response arrived, so it did not answer that request.
+        # response arrived, so no response to that request came back.
         self.lost_before_response = False
         self.idle_since = 0.0
         # The exchange in progress.
@@ -239,7 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         response.status = status
         if self._head_request:
-            # llhttp cannot be told that a HEAD response has no body, so the head ends it here.
+            # httptools has no way to mark a HEAD response as bodiless, so the head ends it here.
             # The connection is not reused, in case the upstream sends a body anyway.
             self._complete_body(reusable=False)
         else:
@@ -414,27 +414,24 @@ class OriginPool:
         """Send the encoded request and return its response once the head arrived."""
         head_request = method == "HEAD"
         connection, reused = await self._acquire()
-        try:
-            return await connection.exchange(request, head_request)
-        except UpstreamFailure as failure:
-            connection.finish(reusable=False)
-            if not (reused and connection.lost_before_response and method in _RETRYABLE_METHODS):
-                raise
-            # The upstream closed the kept-alive connection as the request went out. A timeout is
-            # not sent again: the upstream may still be working on the request.
-            log.info(
-                "kept-alive upstream connection was closed; sending again on a new one",
-                extra={"upstream": self.origin.authority.decode(), "error": str(failure)},
-            )
-        except BaseException:
-            connection.finish(reusable=False)
-            raise
-        connection = await self._connect_counted()
-        try:
-            return await connection.exchange(request, head_request)
-        except BaseException:
-            connection.finish(reusable=False)
-            raise
+        while True:
+            try:
+                return await connection.exchange(request, head_request)
+            except BaseException as error:
+                connection.finish(reusable=False)
+                # Sent again only when the upstream closed a kept-alive connection as the request
+                # went out. A timeout is not: the upstream may still be working on the request.
+                if not (
+                    isinstance(error, UpstreamFailure) and reused
+                    and connection.lost_before_response and method in _RETRYABLE_METHODS
+                ):
+                    raise
+                log.info(
+                    "kept-alive upstream connection was closed; sending again on a new one",
+                    extra={"upstream": self.origin.authority.decode(), "error": str(error)},
+                )
+            # A new connection, so the request is sent at most twice.
+            connection, reused = await self._connect_counted(), False
 
     def put_back(self, connection: UpstreamConnection | None) -> None:
         """Take back a connection for reuse, or note with None that one was closed."""
@@ -507,8 +504,8 @@ def encode_request(
 ) -> bytes:
     """Return the request line, headers and body as one buffer.
 
-    Raise ValueError when the target or a header would break the message's framing; the
-    router's HTTP parser already refuses such requests, so this is a second line.
+    Raise ValueError when the target or a header would break the message's framing. The
+    router's HTTP parser already rejects such requests, so this is a second line of defence.
     """
     lines = [method.encode("ascii"), b" ", origin.prefix, target, b" HTTP/1.1\r\nhost: ",
              origin.authority, b"\r\n"]
