@@ -5,11 +5,13 @@ Each test runs the worker as a real `ztcqrs worker` process against a real Redis
 
 import asyncio
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 from sqlalchemy import text
 
@@ -30,7 +32,7 @@ from tests.chaos.support import (
 )
 from tests.cqrs_support import consume_once, cqrs_settings
 
-EVENTS = 1500
+EVENTS = 4000
 # A worker stopped with SIGTERM must exit before the local runner's 10 s stop timeout kills it.
 # It takes the 1 s blocking read at most, plus the entry in hand, far below the 5 s grace.
 STOP_BOUND_SECONDS = 8.0
@@ -57,6 +59,13 @@ async def append_all(client: aioredis.Redis, events: list[Event]) -> dict[str, s
 
 def products_in(database: Path) -> int:
     return count_rows(database, "SELECT COUNT(*) FROM products")
+
+
+def pending_for(redis_url: str, consumer: str) -> int:
+    """Return the number of ingest-group entries delivered to `consumer` and not acknowledged."""
+    with sync_redis.Redis.from_url(redis_url) as client:
+        consumers = client.xinfo_consumers(CDC_STREAM, INGEST_GROUP)
+    return sum(int(entry["pending"]) for entry in consumers if entry["name"] == consumer.encode())
 
 
 def applies_above_one(database: Path) -> int:
@@ -93,11 +102,19 @@ async def test_killed_consumer_loses_nothing(
     await append_all(client, product_events(EVENTS))
     env = worker_env(data_dir, redis_url, CQRS_CONSUMER_NAME="victim")
     worker = start_worker("cdc-ingest", env, tmp_path / "victim.log")
+    # Between two batches the worker has no unacknowledged entry, so a kill there would test
+    # nothing. Taking SQLite's write lock stops the worker after it reads its next batch and
+    # before it applies it, so the kill lands while entries are delivered and unacknowledged.
+    blocker = sqlite3.connect(database, timeout=30, isolation_level=None)
     try:
         wait_until(lambda: products_in(database) >= 200, timeout=60, condition="ingest to start")
+        blocker.execute("BEGIN IMMEDIATE")
+        wait_until(lambda: pending_for(redis_url, "victim") > 0, timeout=30,
+                   condition="the victim to read a batch it cannot apply")
     finally:
         worker.kill()
         worker.wait()
+        blocker.close()
 
     summary = await client.xpending(CDC_STREAM, INGEST_GROUP)
     applied_before = products_in(database)
