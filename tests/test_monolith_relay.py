@@ -75,6 +75,18 @@ async def wait_for_length(client: aioredis.Redis, length: int, seconds: float = 
         await asyncio.sleep(0.02)
 
 
+def sync_write(engine: Engine, statement: str) -> None:
+    """Run `statement` as the sync API does, so the change log tags it with origin `cqrs`."""
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO sync_context (origin) VALUES ('cqrs')"))
+        connection.execute(text(statement))
+        connection.execute(text("DELETE FROM sync_context"))
+
+
+def change_log_seqs(engine: Engine, row_id: str) -> list[int]:
+    return [row["seq"] for row in change_log(engine) if row["row_id"] == row_id]
+
+
 async def test_relay_publishes_in_order(engine: Engine, client: aioredis.Redis) -> None:
     execute(engine, "UPDATE products SET price = 1000 WHERE id = 'prod-cable'")
     execute(engine, "DELETE FROM users WHERE id = 'bob'")
@@ -126,10 +138,7 @@ async def test_relay_batch_size(engine: Engine, client: aioredis.Redis) -> None:
 
 
 async def test_relay_skips_cqrs_rows(engine: Engine, client: aioredis.Redis) -> None:
-    with engine.begin() as connection:
-        connection.execute(text("INSERT INTO sync_context (origin) VALUES ('cqrs')"))
-        connection.execute(text("UPDATE products SET price = 5 WHERE id = 'prod-mouse'"))
-        connection.execute(text("DELETE FROM sync_context"))
+    sync_write(engine, "UPDATE products SET price = 5 WHERE id = 'prod-mouse'")
     execute(engine, "UPDATE products SET price = 6 WHERE id = 'prod-cable'")
 
     relayed = await relay_once(engine, client, batch_size=500)
@@ -143,14 +152,71 @@ async def test_relay_skips_cqrs_rows(engine: Engine, client: aioredis.Redis) -> 
 
 async def test_relay_only_cqrs_rows_advances(engine: Engine, client: aioredis.Redis) -> None:
     await relay_once(engine, client, batch_size=500)
-    with engine.begin() as connection:
-        connection.execute(text("INSERT INTO sync_context (origin) VALUES ('cqrs')"))
-        connection.execute(text("UPDATE products SET price = 5 WHERE id = 'prod-mouse'"))
-        connection.execute(text("DELETE FROM sync_context"))
+    sync_write(engine, "UPDATE products SET price = 5 WHERE id = 'prod-mouse'")
 
     relayed = await relay_once(engine, client, batch_size=500)
 
     assert relayed == 1
+    assert read_checkpoint(engine) == SEEDED_ROWS + 1
+    assert await client.xlen(CDC_STREAM) == SEEDED_ROWS
+
+
+async def test_skipped_rows_defer_checkpoint(engine: Engine, client: aioredis.Redis) -> None:
+    deferred = cdc_relay.DeferredCheckpoint(interval_seconds=3600)
+    await relay_once(engine, client, batch_size=500, deferred=deferred)
+    sync_write(engine, "UPDATE products SET price = 5 WHERE id = 'prod-mouse'")
+
+    skipped = await relay_once(engine, client, batch_size=500, deferred=deferred)
+    again = await relay_once(engine, client, batch_size=500, deferred=deferred)
+
+    assert skipped == 1
+    assert again == 0
+    assert read_checkpoint(engine) == SEEDED_ROWS
+    assert deferred.position == SEEDED_ROWS + 1
+    assert cdc_relay.oldest_unrelayed(engine) is not None
+    assert cdc_relay.oldest_unrelayed(engine, deferred.position) is None
+
+    execute(engine, "UPDATE products SET price = 6 WHERE id = 'prod-cable'")
+    relayed = await relay_once(engine, client, batch_size=500, deferred=deferred)
+
+    assert relayed == 1
+    assert read_checkpoint(engine) == SEEDED_ROWS + 2
+    assert deferred.position == 0
+    assert await client.xlen(CDC_STREAM) == SEEDED_ROWS + 1
+    # The prune covered the skipped row too, so the seeded row it superseded is gone.
+    assert change_log_seqs(engine, "prod-mouse") == [SEEDED_ROWS + 1]
+
+
+async def test_deferred_checkpoint_stored_when_due(engine: Engine, client: aioredis.Redis) -> None:
+    deferred = cdc_relay.DeferredCheckpoint(interval_seconds=0.05)
+    await relay_once(engine, client, batch_size=500, deferred=deferred)
+    sync_write(engine, "UPDATE products SET price = 5 WHERE id = 'prod-mouse'")
+    await relay_once(engine, client, batch_size=500, deferred=deferred)
+    assert read_checkpoint(engine) == SEEDED_ROWS
+
+    await asyncio.sleep(0.06)
+    relayed = await relay_once(engine, client, batch_size=500, deferred=deferred)
+
+    assert relayed == 0
+    assert read_checkpoint(engine) == SEEDED_ROWS + 1
+    assert deferred.position == 0
+    assert await client.xlen(CDC_STREAM) == SEEDED_ROWS
+
+
+async def test_run_stores_deferred_checkpoint_at_stop(
+    settings: Settings, engine: Engine, client: aioredis.Redis
+) -> None:
+    stop = asyncio.Event()
+    worker = asyncio.create_task(cdc_relay.run(settings, stop))
+    await wait_for_length(client, SEEDED_ROWS)
+    sync_write(engine, "UPDATE products SET price = 5 WHERE id = 'prod-mouse'")
+    # The relay polls every 2 ms, so it has skipped the row long before the stop, and the one-second
+    # deferral has not run out yet.
+    await asyncio.sleep(0.3)
+
+    stop.set()
+    await asyncio.wait_for(worker, timeout=5)
+
     assert read_checkpoint(engine) == SEEDED_ROWS + 1
     assert await client.xlen(CDC_STREAM) == SEEDED_ROWS
 

@@ -1,9 +1,14 @@
 """CDC relay: publishes the monolith's change log to the `cdc.monolith` stream, at least once.
 
 Rows of origin `cqrs` were written by the sync API and are not published, so no change echoes back
-to the CQRS side. The checkpoint still moves past them. SQLite has one writer at a time and a
-transaction keeps the write lock until it commits, so rows become visible in `seq` order. A reader
-never sees seq n+1 while seq n is still uncommitted, and no row can appear behind the checkpoint.
+to the CQRS side. The checkpoint still moves past them, but a round that only skipped such rows
+keeps its position in memory and stores it at most once a second (`DeferredCheckpoint`). Reading
+skipped rows again after a crash only skips them again, while storing every such round would add a
+write transaction, and the round that its commit wakes, to each sync write.
+
+SQLite has one writer at a time and a transaction keeps the write lock until it commits, so rows
+become visible in `seq` order. A reader never sees seq n+1 while seq n is still uncommitted, and
+no row can appear behind the checkpoint.
 
 Each order change is appended together with its user's replication marker (`gate:published`, see
 `services.shared.user_gate`), and every round reports the relay's lag (see
@@ -19,9 +24,10 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from sqlalchemy import Connection, Engine, RowMapping, select, text
+from sqlalchemy import Connection, Engine, RowMapping, bindparam, select, text
 
 from services.shared import relay
 from services.shared.events import Event
@@ -37,6 +43,8 @@ from ..store import read_connection
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = CDC_STREAM
+# How long a position past rows that were only skipped may stay unstored.
+SKIPPED_CHECKPOINT_INTERVAL_SECONDS = 1.0
 EVENT_SOURCE = "/monolith/cdc"
 AGGREGATES = {"orders": "order", "products": "product", "users": "user"}
 ACTIONS = {"insert": "created", "update": "updated", "delete": "deleted"}
@@ -64,22 +72,57 @@ def read_checkpoint(engine: Engine) -> int:
         return relay.read_checkpoint(connection, relay_checkpoint, CHECKPOINT_NAME)
 
 
-def _read_batch(engine: Engine, batch_size: int) -> list[RowMapping]:
-    with read_connection(engine) as connection:
-        after = relay.read_checkpoint(connection, relay_checkpoint, CHECKPOINT_NAME)
-        query = (
-            select(change_log)
-            .where(change_log.c.seq > after)
-            .order_by(change_log.c.seq)
-            .limit(batch_size)
-        )
-        return list(connection.execute(query).mappings())
+@dataclass
+class DeferredCheckpoint:
+    """Position of a relay past rows it only skipped, not stored yet.
+
+    `position` is the last `seq` moved past (0 when nothing is deferred) and `stored` the
+    checkpoint when the deferral began, from which the prune starts.
+    """
+
+    interval_seconds: float = SKIPPED_CHECKPOINT_INTERVAL_SECONDS
+    position: int = 0
+    stored: int = 0
+    since: float = 0.0
+
+    def defer(self, stored: int, position: int) -> None:
+        """Move past rows up to `position`; `stored` is the checkpoint in the database."""
+        if not self.position:
+            self.stored = stored
+            self.since = time.monotonic()
+        self.position = position
+
+    def due(self) -> bool:
+        """Return True when a deferred position has waited `interval_seconds` to be stored."""
+        return bool(self.position) and time.monotonic() - self.since >= self.interval_seconds
+
+    def clear(self) -> None:
+        self.position = 0
 
 
-def oldest_unrelayed(engine: Engine) -> str | None:
-    """Return the `changed_at` of the oldest change-log row after the checkpoint, or None."""
+# Built once, because a relay reads a batch after every commit to the database.
+_CHANGES_AFTER = (
+    select(change_log)
+    .where(change_log.c.seq > bindparam("after_seq"))
+    .order_by(change_log.c.seq)
+    .limit(bindparam("limit"))
+)
+
+
+def _read_batch(engine: Engine, batch_size: int, position: int) -> tuple[int, list[RowMapping]]:
+    """Return the stored checkpoint and up to `batch_size` rows after it and after `position`."""
     with read_connection(engine) as connection:
-        after = relay.read_checkpoint(connection, relay_checkpoint, CHECKPOINT_NAME)
+        stored = relay.read_checkpoint(connection, relay_checkpoint, CHECKPOINT_NAME)
+        parameters = {"after_seq": max(stored, position), "limit": batch_size}
+        return stored, list(connection.execute(_CHANGES_AFTER, parameters).mappings())
+
+
+def oldest_unrelayed(engine: Engine, position: int = 0) -> str | None:
+    """Return the `changed_at` of the oldest change-log row after the checkpoint and after
+    `position`, or None."""
+    with read_connection(engine) as connection:
+        stored = relay.read_checkpoint(connection, relay_checkpoint, CHECKPOINT_NAME)
+        after = max(stored, position)
         query = (
             select(change_log.c.changed_at)
             .where(change_log.c.seq > after)
@@ -117,16 +160,33 @@ def prune_change_log(connection: Connection, after_seq: int, up_to_seq: int) -> 
     return int(result.rowcount)
 
 
-async def relay_once(engine: Engine, client: "aioredis.Redis", *, batch_size: int) -> int:
+async def relay_once(
+    engine: Engine,
+    client: "aioredis.Redis",
+    *,
+    batch_size: int,
+    deferred: DeferredCheckpoint | None = None,
+) -> int:
     """Publish one batch after the checkpoint, then store the checkpoint.
 
     Returns the number of change-log rows the checkpoint moved past, published or skipped. A Redis
     error propagates before the checkpoint moves, so the batch is read again on the next call.
+    With `deferred`, a batch of only skipped rows moves `deferred` instead, and its checkpoint is
+    stored once it is due or with the next published batch.
     """
-    rows = await asyncio.to_thread(_read_batch, engine, batch_size)
+    position = deferred.position if deferred is not None else 0
+    stored, rows = await asyncio.to_thread(_read_batch, engine, batch_size, position)
     if not rows:
+        if deferred is not None and deferred.due():
+            await _store(engine, deferred.position, after_seq=deferred.stored)
+            deferred.clear()
         return 0
     published = [row for row in rows if row["origin"] == ORIGIN_MONOLITH]
+    last_seq = int(rows[-1]["seq"])
+    if not published and deferred is not None:
+        deferred.defer(stored, last_seq)
+        if not deferred.due():
+            return len(rows)
     events = [event_for_row(row) for row in published]
     if events:
         async with client.pipeline(transaction=True) as pipe:
@@ -140,13 +200,12 @@ async def relay_once(engine: Engine, client: "aioredis.Redis", *, batch_size: in
         observe_publish_lag(
             CDC_RELAY_NAME, (row["changed_at"] for row in published), now=time.time()
         )
-    last_seq = int(rows[-1]["seq"])
-    pruned = await asyncio.to_thread(
-        lambda: relay.store_checkpoint(
-            engine, relay_checkpoint, CHECKPOINT_NAME, last_seq, prune=prune_change_log,
-            after_seq=int(rows[0]["seq"]) - 1,
-        )
-    )
+    after_seq = int(rows[0]["seq"]) - 1
+    if deferred is not None and deferred.position:
+        after_seq = deferred.stored
+    pruned = await _store(engine, last_seq, after_seq=after_seq)
+    if deferred is not None:
+        deferred.clear()
     log.debug(
         "change-log batch relayed",
         extra={
@@ -161,6 +220,34 @@ async def relay_once(engine: Engine, client: "aioredis.Redis", *, batch_size: in
     return len(rows)
 
 
+async def _store(engine: Engine, seq: int, *, after_seq: int) -> int:
+    """Store checkpoint `seq` and prune the change log in (`after_seq`, `seq`]."""
+    return await asyncio.to_thread(
+        lambda: relay.store_checkpoint(
+            engine, relay_checkpoint, CHECKPOINT_NAME, seq, prune=prune_change_log,
+            after_seq=after_seq,
+        )
+    )
+
+
+async def store_deferred(engine: Engine, deferred: DeferredCheckpoint, ids: dict[str, str]) -> None:
+    """Store a deferred checkpoint at stop, logging a failure instead of raising it.
+
+    A failure loses nothing, because the next start reads the skipped rows again.
+    """
+    if not deferred.position:
+        return
+    try:
+        await _store(engine, deferred.position, after_seq=deferred.stored)
+    except relay.RETRYABLE_ERRORS as error:
+        log.warning(
+            "storing the checkpoint past skipped rows failed at stop; they are read again at start",
+            extra={**ids, "checkpoint": deferred.position, "error": repr(error)},
+        )
+        return
+    deferred.clear()
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Relay the change log until `stop` is set; retry with backoff while Redis or SQLite fail."""
     engine = await asyncio.to_thread(open_database, settings)
@@ -171,12 +258,16 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         "database": str(settings.resolved_database_path),
     }
     checkpoint = await asyncio.to_thread(read_checkpoint, engine)
+    deferred = DeferredCheckpoint()
     reporter = RelayLagReporter(
-        client, CDC_RELAY_NAME, lambda: asyncio.to_thread(oldest_unrelayed, engine)
+        client, CDC_RELAY_NAME,
+        lambda: asyncio.to_thread(oldest_unrelayed, engine, deferred.position),
     )
 
     async def round_and_report() -> int:
-        relayed = await relay_once(engine, client, batch_size=settings.relay_batch_size)
+        relayed = await relay_once(
+            engine, client, batch_size=settings.relay_batch_size, deferred=deferred
+        )
         await reporter.maybe_report()
         return relayed
 
@@ -198,6 +289,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             trim_interval_seconds=settings.relay_trim_interval_seconds,
             commit_watch=commit_watch,
         )
+        await store_deferred(engine, deferred, ids)
     finally:
         commit_watch.close()
         await client.aclose()
