@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/internal/sync")
 
+# Built once, like the store's statements, because they run while the write lock is held.
+_ENTER_SYNC_CONTEXT = insert(sync_context).values(origin=ORIGIN_CQRS)
+_LEAVE_SYNC_CONTEXT = sync_context.delete()
+
 SyncWriter = Annotated[Principal, Depends(require_scope(SYNC_WRITE))]
 
 
@@ -86,7 +90,7 @@ def apply_order_state(engine: Engine, state: OrderPublic, *, authority: str) -> 
     """
     incoming = state.model_dump(mode="json")
     with engine.begin() as connection:
-        connection.execute(insert(sync_context).values(origin=ORIGIN_CQRS))
+        connection.execute(_ENTER_SYNC_CONTEXT)
         local = store.get_order(connection, state.id)
         local_state = None if local is None else local.model_dump(mode="json")
         decision = decide(
@@ -116,7 +120,7 @@ def apply_order_state(engine: Engine, state: OrderPublic, *, authority: str) -> 
                     recorded_at=utc_now(),
                 )
             )
-        connection.execute(sync_context.delete())
+        connection.execute(_LEAVE_SYNC_CONTEXT)
     if decision.conflict:
         SYNC_CONFLICTS.labels("monolith", decision.value).inc()
     if decision.applies or local is None:

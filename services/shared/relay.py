@@ -16,6 +16,7 @@ with the local runner on a 2-vCPU machine).
 """
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from redis import exceptions as redis_errors
-from sqlalchemy import Connection, Engine, Table, func, select
+from sqlalchemy import Connection, Engine, Select, Table, bindparam, func, select
+from sqlalchemy.dialects.sqlite import Insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -86,8 +88,13 @@ class CommitWatch:
 
 def read_checkpoint(connection: Connection, table: Table, name: str) -> int:
     """Return the last relayed `seq` stored under `name`, 0 before the first round."""
-    seq = connection.scalar(select(table.c.seq).where(table.c.name == name))
+    seq = connection.scalar(_read_checkpoint_statement(table), {"name": name})
     return int(seq) if seq is not None else 0
+
+
+@functools.cache
+def _read_checkpoint_statement(table: Table) -> Select[Any]:
+    return select(table.c.seq).where(table.c.name == bindparam("name"))
 
 
 # Deletes relayed rows in the checkpoint's transaction; takes the connection, the previous
@@ -110,14 +117,19 @@ def store_checkpoint(
     transaction, so a row is never deleted before the checkpoint that covers it is stored.
     Returns the number of rows pruned.
     """
-    statement = sqlite_insert(table).values(name=name, seq=seq)
-    statement = statement.on_conflict_do_update(
+    with engine.begin() as connection:
+        connection.execute(_checkpoint_statement(table), {"name": name, "seq": seq})
+        return prune(connection, after_seq, seq) if prune is not None else 0
+
+
+@functools.cache
+def _checkpoint_statement(table: Table) -> Insert:
+    # Built once per table, because building the upsert costs more than running it.
+    statement = sqlite_insert(table)
+    return statement.on_conflict_do_update(
         index_elements=[table.c.name],
         set_={"seq": func.max(table.c.seq, statement.excluded.seq)},
     )
-    with engine.begin() as connection:
-        connection.execute(statement)
-        return prune(connection, after_seq, seq) if prune is not None else 0
 
 
 async def run_relay(

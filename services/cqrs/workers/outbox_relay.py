@@ -12,7 +12,7 @@ import logging
 import time
 
 import redis.asyncio as redis
-from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy import Connection, Engine, bindparam, delete, select
 
 from services.shared import relay
 from services.shared.migration_health import RelayLagReporter, observe_publish_lag
@@ -37,26 +37,32 @@ def read_checkpoint(engine: Engine, name: str = CHECKPOINT_NAME) -> int:
 OutboxRow = tuple[int, str, dict[str, str], str]  # seq, stream, entry fields, created_at
 
 
+_OUTBOX_AFTER = (
+    select(outbox.c.seq, outbox.c.stream, outbox.c.fields, outbox.c.created_at)
+    .where(outbox.c.seq > bindparam("after_seq"))
+    .order_by(outbox.c.seq)
+    .limit(bindparam("limit"))
+)
+
+
 def read_outbox(engine: Engine, after_seq: int, limit: int) -> list[OutboxRow]:
     """Return up to `limit` outbox rows after `after_seq` as (seq, stream, fields, created_at),
     in order."""
-    query = (
-        select(outbox.c.seq, outbox.c.stream, outbox.c.fields, outbox.c.created_at)
-        .where(outbox.c.seq > after_seq)
-        .order_by(outbox.c.seq)
-        .limit(limit)
-    )
     with reading(engine) as connection:
-        return [
-            (row.seq, row.stream, json.loads(row.fields), row.created_at)
-            for row in connection.execute(query)
-        ]
+        return _outbox_rows(connection, after_seq, limit)
+
+
+def _outbox_rows(connection: Connection, after_seq: int, limit: int) -> list[OutboxRow]:
+    rows = connection.execute(_OUTBOX_AFTER, {"after_seq": after_seq, "limit": limit})
+    return [(row.seq, row.stream, json.loads(row.fields), row.created_at) for row in rows]
 
 
 def _read_batch(engine: Engine, name: str, limit: int) -> tuple[int, list[OutboxRow]]:
-    # One worker-thread call per round: a relay runs a round after every commit to the database.
-    checkpoint = read_checkpoint(engine, name)
-    return checkpoint, read_outbox(engine, checkpoint, limit)
+    # One worker-thread call and one read transaction per round, because a relay runs a round
+    # after every commit to the database.
+    with reading(engine) as connection:
+        checkpoint = relay.read_checkpoint(connection, relay_checkpoint, name)
+        return checkpoint, _outbox_rows(connection, checkpoint, limit)
 
 
 def oldest_unrelayed(engine: Engine, name: str = CHECKPOINT_NAME) -> str | None:
