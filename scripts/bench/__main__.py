@@ -170,7 +170,9 @@ def _lag_figures(label: str, runs: list[sync_bench.LagRun], p50_target: float | 
         p99.holds = False
         p99.note = f"{missing} changes never arrived within {sync_bench.DRAIN_SECONDS:.0f} s"
     rates = Figure(f"{label} rate sent", "/s", [run.achieved_rate for run in runs])
-    figures += [p99, rates]
+    cpu = Figure(f"{label} platform CPU per change", "ms",
+                 [run.cpu_ms_per_change for run in runs])
+    figures += [p99, rates, cpu]
     return figures
 
 
@@ -189,7 +191,8 @@ def sync_figures(
             for number in range(RUNS):
                 run = sync_bench.commit_to_read_model(platform, watch)
                 say(f"commit -> read model run {number + 1}: p50 {run.p50:.1f} ms, "
-                    f"p99 {run.p99:.1f} ms, {run.achieved_rate:.0f}/s, missing {run.missing}")
+                    f"p99 {run.p99:.1f} ms, {run.achieved_rate:.0f}/s, missing {run.missing}, "
+                    f"CPU {run.cpu_ms_per_change:.2f} ms a change")
                 lag_runs.append(run)
         finally:
             watch.close()
@@ -197,7 +200,8 @@ def sync_figures(
         for number in range(RUNS):
             run = sync_bench.command_to_monolith(platform)
             say(f"command -> monolith run {number + 1}: p50 {run.p50:.1f} ms, "
-                f"p99 {run.p99:.1f} ms, {run.achieved_rate:.0f}/s, missing {run.missing}")
+                f"p99 {run.p99:.1f} ms, {run.achieved_rate:.0f}/s, missing {run.missing}, "
+                f"CPU {run.cpu_ms_per_change:.2f} ms a command")
             command_runs.append(run)
         write_rates, read_rates, missing = [], [], 0
         for number in range(RUNS):

@@ -1,5 +1,6 @@
 """Pieces every benchmark uses: run statistics, free ports, tools, machine facts and memory."""
 
+import contextlib
 import os
 import platform
 import re
@@ -149,6 +150,21 @@ def process_tree_rss(pid: int) -> dict[int, float]:
     except psutil.Error:
         return {}
     return {member.pid: rss_mb(member.pid) for member in members}
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU time, user and system, used so far by a process and its live descendants."""
+    try:
+        root = psutil.Process(pid)
+        members = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for member in members:
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def python() -> str:

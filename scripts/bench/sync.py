@@ -34,7 +34,7 @@ from services.shared.database import create_sqlite_engine
 from services.shared.domain import OrderPublic
 from services.shared.names import CDC_STREAM, order_key, user_orders_key
 
-from .common import QUICK, free_port, percentile, say
+from .common import QUICK, free_port, percentile, process_tree_cpu_seconds, say
 
 LAG_RATE = 500  # commits per second
 LAG_SECONDS = 5 if QUICK else 60
@@ -53,6 +53,9 @@ class LagRun:
     sent: int = 0
     missing: int = 0
     achieved_rate: float = 0.0
+    # CPU of every platform process (not Redis, not the benchmark) per change sent, from the
+    # first write until the last change arrived, idle polling included.
+    cpu_ms_per_change: float = float("nan")
 
     @property
     def p50(self) -> float:
@@ -72,6 +75,15 @@ def start_platform(folder: Path, redis_url: str) -> LocalPlatform:
     platform = LocalPlatform(config)
     platform.start()
     return platform
+
+
+def platform_cpu_seconds(platform: LocalPlatform) -> float:
+    """Return the CPU time used so far by every process that the platform started."""
+    return sum(
+        process_tree_cpu_seconds(process.popen.pid)
+        for process in platform.processes.values()
+        if process.popen is not None
+    )
 
 
 def new_order(user_id: str) -> OrderPublic:
@@ -121,6 +133,7 @@ def commit_to_read_model(platform: LocalPlatform, watch: ReadModelWatch) -> LagR
     engine = create_sqlite_engine(platform.config.data_dir / "monolith.db")
     committed: dict[str, float] = {}
     total = LAG_RATE * LAG_SECONDS
+    cpu_before = platform_cpu_seconds(platform)
     started = time.perf_counter()
     try:
         for index in range(total):
@@ -138,7 +151,8 @@ def commit_to_read_model(platform: LocalPlatform, watch: ReadModelWatch) -> LagR
     deadline = time.monotonic() + DRAIN_SECONDS
     while time.monotonic() < deadline and any(key not in watch.seen for key in committed):
         time.sleep(0.1)
-    run = LagRun(sent=total, achieved_rate=total / elapsed)
+    cpu_ms = (platform_cpu_seconds(platform) - cpu_before) * 1000
+    run = LagRun(sent=total, achieved_rate=total / elapsed, cpu_ms_per_change=cpu_ms / total)
     for order_id, at in committed.items():
         seen = watch.seen.get(order_id)
         if seen is None:
@@ -235,6 +249,7 @@ async def _send_commands(
 def command_to_monolith(platform: LocalPlatform) -> LagRun:
     token = user_token(platform, "bob")
     watch = MonolithRowWatch(platform.config.data_dir / "monolith.db")
+    cpu_before = platform_cpu_seconds(platform)
     try:
         started = time.perf_counter()
         answered, failures = asyncio.run(
@@ -246,8 +261,10 @@ def command_to_monolith(platform: LocalPlatform) -> LagRun:
             time.sleep(0.05)
     finally:
         watch.close()
-    run = LagRun(sent=len(answered) + failures, missing=failures,
-                 achieved_rate=(len(answered) + failures) / elapsed)
+    sent = len(answered) + failures
+    cpu_ms = (platform_cpu_seconds(platform) - cpu_before) * 1000
+    run = LagRun(sent=sent, missing=failures, achieved_rate=sent / elapsed,
+                 cpu_ms_per_change=cpu_ms / max(sent, 1))
     for order_id, at in answered.items():
         seen = watch.seen.get(order_id)
         if seen is None:
