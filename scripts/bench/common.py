@@ -153,7 +153,7 @@ def process_tree_rss(pid: int) -> dict[int, float]:
 
 
 def process_tree_cpu_seconds(pid: int) -> float:
-    """CPU time, user and system, used so far by a process and its live descendants."""
+    """Return the CPU time, user and system, used so far by a process and its live descendants."""
     try:
         root = psutil.Process(pid)
         members = [root, *root.children(recursive=True)]
