@@ -1,5 +1,7 @@
-"""The local runner: port checks and settings, without starting the platform."""
+"""The local runner: port checks, settings and process stops, without starting the platform."""
 
+import logging
+import os
 import socket
 import subprocess
 import sys
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.runner import LocalPlatform, PlatformConfig, StartupError
+from services.cli.runner import LocalPlatform, ManagedProcess, PlatformConfig, StartupError
 from tests.conftest import free_port
 
 
@@ -153,3 +155,22 @@ def test_startup_objects_frozen() -> None:
     assert before == 0
     assert frozen > 10_000
     assert tracked < 100
+
+
+def test_stop_logs_process_that_exited(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ztcqrs.runner")
+    process = ManagedProcess(
+        "short", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ),
+        tmp_path / "short.log", None,
+    )
+    process.start()
+    assert process.popen is not None
+    process.popen.wait(10)
+
+    process.stop()
+    process.stop()
+
+    stopped = [record for record in caplog.records if record.getMessage() == "process stopped"]
+    assert len(stopped) == 1
+    assert getattr(stopped[0], "exit_code", None) == 3
+    assert getattr(stopped[0], "process_name", None) == "short"

@@ -55,6 +55,8 @@ def write_report(
     held = [figure for figure in figures if figure.holds is True]
     failed = [figure for figure in figures if figure.holds is False]
     print("\n".join(table(figures)))
+    if skipped:
+        print("\nnot measured:" + "".join(f"\n  {reason}" for reason in skipped))
     print(f"\ntargets: {len(held)} hold, {len(failed)} do not"
           + "".join(f"\n  does not hold: {figure.name}" for figure in failed))
     if QUICK:

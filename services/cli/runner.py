@@ -147,6 +147,7 @@ class ManagedProcess:
         self.log_path = log_path
         self.ready_url = ready_url
         self.popen: subprocess.Popen[bytes] | None = None
+        self._stopped: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.restarts = 0
         self.failures_in_a_row = 0
@@ -173,19 +174,27 @@ class ManagedProcess:
         log.info("process started", extra={"process_name": self.name, "pid": self.popen.pid})
 
     def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
-        if self.popen is None or self.popen.poll() is not None:
+        """Stop the process and log it once, also when it exited on its own (a terminal's Ctrl-C
+        reaches every process of the group)."""
+        if self.popen is None or self.popen is self._stopped:
             return
-        self.popen.terminate()
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning(
-                "process ignored SIGTERM; killing it",
-                extra={"process_name": self.name, "pid": self.popen.pid},
-            )
-            self.popen.kill()
-            self.popen.wait()
-        log.info("process stopped", extra={"process_name": self.name, "pid": self.popen.pid})
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "process ignored SIGTERM; killing it",
+                    extra={"process_name": self.name, "pid": self.popen.pid},
+                )
+                self.popen.kill()
+                self.popen.wait()
+        self._stopped = self.popen
+        log.info(
+            "process stopped",
+            extra={"process_name": self.name, "pid": self.popen.pid,
+                   "exit_code": self.popen.returncode},
+        )
 
     def log_tail(self, lines: int = 15) -> str:
         try:

@@ -44,6 +44,7 @@ class EmbeddedRedis:
         self.port = port
         self.host = host
         self.process: subprocess.Popen[bytes] | None = None
+        self._stopped: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -112,15 +113,22 @@ class EmbeddedRedis:
         log.warning("embedded Redis killed", extra={"url": self.url, "pid": self.process.pid})
 
     def stop(self, timeout_seconds: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Stop redis-server and log it once, also when it exited on its own."""
+        if self.process is None or self.process is self._stopped:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_seconds)
-        except subprocess.TimeoutExpired:
-            log.warning(
-                "redis-server did not stop in time; killing it", extra={"pid": self.process.pid}
-            )
-            self.process.kill()
-            self.process.wait()
-        log.info("embedded Redis stopped", extra={"url": self.url})
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_seconds)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "redis-server did not stop in time; killing it",
+                    extra={"pid": self.process.pid},
+                )
+                self.process.kill()
+                self.process.wait()
+        self._stopped = self.process
+        log.info(
+            "embedded Redis stopped",
+            extra={"url": self.url, "pid": self.process.pid, "exit_code": self.process.returncode},
+        )
