@@ -9,6 +9,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+from services.shared.subprocesses import stop_process
+
 from .common import free_port, say
 
 # The upstream's answer to every path but the JWKS: small fixed JSON, so it is never the bottleneck.
@@ -111,15 +113,10 @@ class Nginx:
         say(f"nginx {self.name} started on port {self.port} (pid {self.process.pid})")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        # SIGQUIT is nginx's graceful stop; the master stops its workers.
-        self.process.send_signal(signal.SIGQUIT)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        # SIGQUIT is nginx's graceful stop: the master stops its workers.
+        stop_process(self.process, 10, stop_signal=signal.SIGQUIT)
 
 
 def start_upstream(folder: Path, jwks: str, *, workers: int) -> Nginx:

@@ -24,7 +24,7 @@ import httpx
 
 from services.router.settings import DEFAULT_RULES_FILE
 from services.shared.embedded_redis import EmbeddedRedis
-from services.shared.subprocesses import die_with_parent
+from services.shared.subprocesses import die_with_parent, stop_process
 
 from .processes import SERVICES, WORKERS
 
@@ -178,17 +178,11 @@ class ManagedProcess:
         reaches every process of the group)."""
         if self.popen is None or self.popen is self._stopped:
             return
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "process ignored SIGTERM; killing it",
-                    extra={"process_name": self.name, "pid": self.popen.pid},
-                )
-                self.popen.kill()
-                self.popen.wait()
+        if stop_process(self.popen, timeout):
+            log.warning(
+                "process ignored SIGTERM; killed it",
+                extra={"process_name": self.name, "pid": self.popen.pid, "timeout_s": timeout},
+            )
         self._stopped = self.popen
         log.info(
             "process stopped",

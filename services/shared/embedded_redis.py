@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from .subprocesses import die_with_parent
+from .subprocesses import die_with_parent, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +116,11 @@ class EmbeddedRedis:
         """Stop redis-server and log it once, also when it exited on its own."""
         if self.process is None or self.process is self._stopped:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_seconds)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "redis-server did not stop in time; killing it",
-                    extra={"pid": self.process.pid},
-                )
-                self.process.kill()
-                self.process.wait()
+        if stop_process(self.process, timeout_seconds):
+            log.warning(
+                "redis-server did not stop in time; killed it",
+                extra={"pid": self.process.pid, "timeout_s": timeout_seconds},
+            )
         self._stopped = self.process
         log.info(
             "embedded Redis stopped",

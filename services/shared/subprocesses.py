@@ -3,6 +3,7 @@
 import contextlib
 import ctypes
 import signal
+import subprocess
 
 PR_SET_PDEATHSIG = 1
 
@@ -17,3 +18,22 @@ def die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_process(
+    process: "subprocess.Popen[bytes]", timeout: float, *, stop_signal: int = signal.SIGTERM
+) -> bool:
+    """Send `stop_signal` to `process` and wait up to `timeout` seconds, then kill it.
+
+    Returns True when the process had to be killed. A process that already exited is left as is.
+    """
+    if process.poll() is not None:
+        return False
+    process.send_signal(stop_signal)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return True
+    return False
