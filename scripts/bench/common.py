@@ -142,25 +142,24 @@ def rss_mb(pid: int) -> float:
         return float("nan")
 
 
-def process_tree_rss(pid: int) -> dict[int, float]:
-    """RSS in MiB of a process and each of its descendants, by pid."""
+def process_tree(pid: int) -> list[psutil.Process]:
+    """Return a process and its live descendants, or no process when `pid` is gone."""
     try:
         root = psutil.Process(pid)
-        members = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
-        return {}
-    return {member.pid: rss_mb(member.pid) for member in members}
+        return []
+
+
+def process_tree_rss(pid: int) -> dict[int, float]:
+    """RSS in MiB of a process and each of its descendants, by pid."""
+    return {member.pid: rss_mb(member.pid) for member in process_tree(pid)}
 
 
 def process_tree_cpu_seconds(pid: int) -> float:
     """Return the CPU time, user and system, used so far by a process and its live descendants."""
-    try:
-        root = psutil.Process(pid)
-        members = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
     total = 0.0
-    for member in members:
+    for member in process_tree(pid):
         with contextlib.suppress(psutil.Error):
             times = member.cpu_times()
             total += times.user + times.system
