@@ -97,6 +97,7 @@ class DeferredCheckpoint:
         return bool(self.position) and time.monotonic() - self.since >= self.interval_seconds
 
     def clear(self) -> None:
+        """Forget the deferred position, once a stored checkpoint covers it."""
         self.position = 0
 
 
